@@ -1,0 +1,18 @@
+"""Native parallel decoding: `ParallelEngine(model, tokenizer).generate(prompts, SamplingParams(), mode)`."""
+
+from npr.engine.core import ParallelEngine
+from npr.engine.params import FinishReason, ParamError, SamplingParams
+from npr.engine.rollout import BlockRecord, BranchRecord, Rollout, RolloutStats, load_rollouts, save_rollouts
+
+__all__ = [
+    "BlockRecord",
+    "BranchRecord",
+    "FinishReason",
+    "ParallelEngine",
+    "ParamError",
+    "Rollout",
+    "RolloutStats",
+    "SamplingParams",
+    "load_rollouts",
+    "save_rollouts",
+]

@@ -1,0 +1,412 @@
+"""The decoding loop: admit requests, fork at </guideline>, decode every branch of every request in one
+forward per step, merge at the longest branch, and hand back Rollouts (DESIGN §3–§4)."""
+
+from __future__ import annotations
+
+import itertools
+import time
+from collections import deque
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Literal
+
+import torch
+
+from npr.engine.kv import Feed, KVPool
+from npr.engine.params import FinishReason, SamplingParams
+from npr.engine.rollout import BlockRecord, BranchRecord, Rollout, RolloutStats
+from npr.engine.sampling import sample_token
+from npr.format import TAKEAWAY, EventKind, StreamParser, TagIds
+
+Mode = Literal["parallel", "sequential"]
+Prompt = str | Sequence[int] | Sequence[dict]
+_FORK_ERRORS = {"no_plan", "too_many_plans"}
+
+
+@dataclass
+class _Branch:
+    plan_id: str
+    index: int
+    block: int  # pool-wide block uid
+    start_pos: int  # g + 1
+    parser: StreamParser
+    tokens: list[int] = field(default_factory=list)
+    logprobs: list[float] = field(default_factory=list)
+    loss_mask: list[int] = field(default_factory=list)
+    done: bool = False
+
+    @property
+    def next_pos(self) -> int:
+        return self.start_pos + len(self.tokens)
+
+
+@dataclass
+class _Request:
+    uid: int
+    index: int
+    sample: int
+    prompt_ids: list[int]
+    params: SamplingParams
+    mode: Mode
+    generator: torch.Generator
+    parser: StreamParser
+    stop_on_violation: bool
+    response: list[int] = field(default_factory=list)
+    logprobs: list[float] = field(default_factory=list)
+    loss_mask: list[int] = field(default_factory=list)
+    positions: list[int] = field(default_factory=list)
+    branches: list[_Branch] = field(default_factory=list)  # of the open block; empty in the trunk
+    blocks: list[BlockRecord] = field(default_factory=list)
+    g: int = -1  # position of the open block's </guideline>
+    trunk_text: str = ""
+    step_start: int = 0  # response index of the last <step> written in the trunk (sequential mode)
+    used: int = 0  # the global ledger: every generated token of every branch
+    feeds: list[Feed] = field(default_factory=list)  # tokens to append at the next step
+    samples: list[tuple[int, _Branch | None]] = field(default_factory=list)  # (feed index, unit; None=trunk)
+    finish: FinishReason | None = None
+    stop_reason: str | None = None
+    started: float = 0.0
+    wall_time: float = 0.0
+
+    @property
+    def next_pos(self) -> int:
+        return self.positions[-1] + 1 if self.positions else len(self.prompt_ids)
+
+
+class ParallelEngine:
+    """Native parallel decoding over one shared KV pool.
+
+    `max_batch_requests` bounds live requests; `prefill_tokens` bounds prompt tokens admitted per step
+    (new requests join the running batch, continuous-batching style).
+    """
+
+    def __init__(self, model, tokenizer, *, max_batch_requests: int = 64, prefill_tokens: int = 4096):
+        self.model = model.eval()
+        self.tokenizer = tokenizer
+        self.tags = TagIds.from_tokenizer(tokenizer)
+        self.pool = KVPool(model)
+        self.max_batch_requests = max_batch_requests
+        self.prefill_tokens = prefill_tokens
+        self.max_positions = int(getattr(model.config, "max_position_embeddings", 1 << 30))
+        gen_eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+        gen_eos = gen_eos if isinstance(gen_eos, list) else [gen_eos]
+        self.eos_ids = {int(e) for e in [tokenizer.eos_token_id, *gen_eos] if e is not None}
+        self._pieces: dict[int, str] = {}
+        self._uids = itertools.count()
+        self._blocks = itertools.count()
+        self.waiting: deque[_Request] = deque()
+        self.running: list[_Request] = []
+
+    # ------------------------------------------------------------------ public API
+
+    def generate(
+        self, prompts: Sequence[Prompt], params: SamplingParams | None = None, mode: Mode = "parallel"
+    ) -> list[Rollout]:
+        """Decode every prompt `params.n` times; rollouts come back prompt-major, in input order."""
+        params = params or SamplingParams()
+        requests = [self.add_request(p, params, mode, index=i) for i, p in enumerate(prompts)]
+        flat = [r for group in requests for r in group]
+        while any(r.finish is None for r in flat):
+            self.step()
+        return [self.rollout(r) for r in flat]
+
+    def add_request(
+        self, prompt: Prompt, params: SamplingParams, mode: Mode = "parallel", index: int = 0
+    ) -> list[_Request]:
+        """Queue n samples of one prompt; they are admitted at the next `step()`."""
+        if mode not in ("parallel", "sequential"):
+            raise ValueError(f"mode must be 'parallel' or 'sequential', got {mode!r}")
+        ids = self.encode_prompt(prompt)
+        if len(ids) + 1 > self.max_positions:
+            raise ValueError(f"prompt has {len(ids)} tokens; the model's context is {self.max_positions}")
+        stop_on_violation = params.stop_on_violation
+        if stop_on_violation is None:
+            stop_on_violation = mode == "parallel"
+        out = []
+        for j in range(params.n):
+            gen = torch.Generator(device=self.pool.device)
+            seed = params.seed + j if params.seed is not None else int(torch.randint(0, 2**62, ()).item())
+            gen.manual_seed(seed)
+            r = _Request(
+                uid=next(self._uids),
+                index=index,
+                sample=j,
+                prompt_ids=ids,
+                params=params,
+                mode=mode,
+                generator=gen,
+                parser=StreamParser(max_plans=params.max_plans),
+                stop_on_violation=stop_on_violation,
+            )
+            self.waiting.append(r)
+            out.append(r)
+        return out
+
+    def cancel(self, request: _Request) -> None:
+        """Withdraw a request (e.g. its client went away) and free its cache slots."""
+        if request in self.waiting:
+            self.waiting.remove(request)
+        if request.finish is None:
+            self._finish(request, FinishReason.CANCELLED)
+
+    def encode_prompt(self, prompt: Prompt) -> list[int]:
+        """Chat messages, a string or token ids → prompt ids; tag ids never occur in a prompt."""
+        if isinstance(prompt, str):
+            ids = self.tokenizer(prompt, add_special_tokens=False, split_special_tokens=True)["input_ids"]
+        elif prompt and isinstance(prompt[0], dict):
+            from npr.data import encode_messages
+
+            ids = encode_messages(self.tokenizer, list(prompt))  # type: ignore[arg-type]
+        else:
+            ids = [int(t) for t in prompt]  # type: ignore[arg-type]
+        if not ids:
+            raise ValueError("empty prompt")
+        tags = set(self.tags.as_tuple())
+        bad = [i for i, t in enumerate(ids) if t in tags]
+        if bad:
+            raise ValueError(f"prompt token {bad[0]} is a tag id; tags may only be generated")
+        return list(ids)
+
+    def step(self) -> list[_Request]:
+        """Admit waiting requests, run one batched forward, sample one token per live unit.
+
+        Returns the requests that finished during this step.
+        """
+        self._admit()
+        feeds: list[Feed] = []
+        sample_at: list[int] = []
+        targets: list[tuple[_Request, _Branch | None]] = []
+        for r in self.running:
+            if r.finish is not None:
+                continue
+            if r.used + len(r.samples) > r.params.max_new_tokens:
+                self._finish(r, FinishReason.LENGTH)  # never let a step overdraw the ledger
+                continue
+            base = len(feeds)
+            feeds += r.feeds
+            for k, unit in r.samples:
+                sample_at.append(base + k)
+                targets.append((r, unit))
+            r.feeds, r.samples = [], []
+        if feeds:
+            logits = self.pool.forward(feeds, sample_at)  # [P, V]
+            logprobs = torch.log_softmax(logits, dim=-1)
+            for k, (r, unit) in enumerate(targets):
+                if r.finish is None:
+                    self._sample(r, unit, logits[k], logprobs[k])
+        done = [r for r in self.running if r.finish is not None]
+        self.running = [r for r in self.running if r.finish is None]
+        return done
+
+    @property
+    def has_work(self) -> bool:
+        return bool(self.waiting or self.running)
+
+    # ------------------------------------------------------------------ scheduling
+
+    def _admit(self) -> None:
+        budget = self.prefill_tokens
+        while self.waiting and len(self.running) < self.max_batch_requests:
+            r = self.waiting[0]
+            if len(r.prompt_ids) > budget and budget != self.prefill_tokens:
+                break  # a long prompt waits for a step of its own
+            self.waiting.popleft()
+            budget -= len(r.prompt_ids)
+            r.started = time.perf_counter()
+            r.feeds = [Feed(r.uid, t, i) for i, t in enumerate(r.prompt_ids)]
+            r.samples = [(len(r.feeds) - 1, None)]
+            self.running.append(r)
+
+    def _finish(self, r: _Request, reason: FinishReason, stop_reason: str | None = None) -> None:
+        if r.branches:  # cut inside a block: keep what the branches wrote, in canonical order
+            self._flush_branches(r)
+        r.finish, r.stop_reason = reason, stop_reason
+        r.feeds, r.samples = [], []
+        r.wall_time = time.perf_counter() - r.started if r.started else 0.0
+        self.pool.release(r.uid)
+
+    # ------------------------------------------------------------------ one token
+
+    def _piece(self, token: int) -> str:
+        piece = self._pieces.get(token)
+        if piece is None:
+            piece = self._pieces[token] = self.tokenizer.decode([token], skip_special_tokens=False)
+        return piece
+
+    def _visible(self, r: _Request, unit: _Branch | None) -> list[int]:
+        """Token ids the unit can see, canonical order: prompt, finished blocks, trunk, own branch."""
+        return r.prompt_ids + r.response + (unit.tokens if unit is not None else [])
+
+    def _sample(
+        self, r: _Request, unit: _Branch | None, logits: torch.Tensor, logprobs: torch.Tensor
+    ) -> None:
+        p = r.params
+        visible = self._visible(r, unit) if p.logits_processors else None
+        penalised = None
+        if p.branch_repetition_penalty != 1.0:
+            if unit is not None:
+                penalised = unit.tokens
+            elif r.parser.state == "step":  # sequential mode writes its steps in the trunk
+                penalised = r.response[r.step_start :]
+        token = sample_token(logits, p, r.generator, visible, penalised)
+        r.used += 1
+        if unit is None:
+            self._trunk_token(r, token, float(logprobs[token]))
+        else:
+            self._branch_token(r, unit, token, float(logprobs[token]))
+
+    def _trunk_token(self, r: _Request, token: int, logprob: float) -> None:
+        pos = r.next_pos
+        r.response.append(token)
+        r.logprobs.append(logprob)
+        r.loss_mask.append(1)
+        r.positions.append(pos)
+        if token in self.eos_ids:
+            return self._finish(r, FinishReason.STOP)
+        if token == self.tags.step_open:
+            r.step_start = len(r.response) - 1
+        piece = self._piece(token)
+        r.trunk_text += piece
+        for s in r.params.stop:
+            if s in r.trunk_text[-(len(s) + len(piece)) :]:
+                return self._finish(r, FinishReason.STOP, stop_reason=s)
+        for event in r.parser.feed(piece):
+            if event.kind == EventKind.VIOLATION and r.stop_on_violation:
+                code = event.code or "violation"
+                reason = FinishReason.INVALID_FORK if code in _FORK_ERRORS else FinishReason.INVALID_STRUCTURE
+                return self._finish(r, reason, stop_reason=f"{code}: {event.message}")
+            if event.kind == EventKind.GUIDELINE_CLOSED and r.mode == "parallel":
+                r.g = pos
+                return self._fork(r, token, event.plan_ids)
+        if not self._room(r, pos + 1):
+            return None
+        r.feeds.append(Feed(r.uid, token, pos))
+        r.samples.append((len(r.feeds) - 1, None))
+        return None
+
+    def _room(self, r: _Request, next_pos: int) -> bool:
+        """Whether a unit whose next token sits at next_pos may decode it; finish the request if not."""
+        if r.used >= r.params.max_new_tokens or next_pos - len(r.prompt_ids) >= r.params.path_limit:
+            self._finish(r, FinishReason.LENGTH)
+            return False
+        if next_pos >= self.max_positions:
+            self._finish(r, FinishReason.LENGTH, stop_reason="context")
+            return False
+        return True
+
+    def _fork(self, r: _Request, close_token: int, plan_ids: tuple[str, ...]) -> None:
+        # Each branch starts with forced "<step>" + "ID:"; the reserve keeps room for a few tokens of
+        # content per branch, its </step> and the merge's <takeaway>, or the fork is refused.
+        forced = [
+            [self.tags.step_open, *self.tokenizer.encode(f"{pid}:", add_special_tokens=False)]
+            for pid in plan_ids
+        ]
+        reserve = sum(len(f) + r.params.fork_reserve for f in forced) + 1
+        depth = r.g + 1 - len(r.prompt_ids) + max(map(len, forced)) + r.params.fork_reserve + 1
+        if r.used + reserve > r.params.max_new_tokens or depth > r.params.path_limit:
+            return self._finish(
+                r, FinishReason.BUDGET, stop_reason=f"fork of {len(plan_ids)} needs {reserve}"
+            )
+        if len(r.prompt_ids) + depth >= self.max_positions:
+            return self._finish(r, FinishReason.LENGTH, stop_reason="context")
+        block = next(self._blocks)
+        r.feeds = [Feed(r.uid, close_token, r.g)]
+        for i, (pid, ids) in enumerate(zip(plan_ids, forced, strict=True)):
+            b = _Branch(pid, i, block, r.g + 1, StreamParser(max_plans=r.params.max_plans, start="step"))
+            for t in ids:
+                r.feeds.append(Feed(r.uid, t, b.next_pos, block, i))
+                b.tokens.append(t)
+                b.logprobs.append(0.0)
+                b.loss_mask.append(0)
+            b.parser.feed(self.tokenizer.decode(ids[1:]))
+            r.samples.append((len(r.feeds) - 1, b))
+            r.branches.append(b)
+            r.used += len(ids)
+        return None
+
+    def _branch_token(self, r: _Request, b: _Branch, token: int, logprob: float) -> None:
+        pos = b.next_pos
+        b.tokens.append(token)
+        b.logprobs.append(logprob)
+        b.loss_mask.append(1)
+        if token in self.eos_ids:
+            return self._finish(
+                r, FinishReason.INVALID_STRUCTURE, stop_reason="end of sequence inside a step"
+            )
+        for event in b.parser.feed(self._piece(token)):
+            if event.kind == EventKind.VIOLATION:
+                return self._finish(
+                    r, FinishReason.INVALID_STRUCTURE, stop_reason=f"{event.code}: {event.message}"
+                )
+            if event.kind == EventKind.STEP_CLOSED:
+                b.done = True
+        r.feeds.append(Feed(r.uid, token, pos, b.block, b.index))  # </step> too: the takeaway reads it
+        if not b.done:
+            if not self._room(r, pos + 1):
+                return None
+            r.samples.append((len(r.feeds) - 1, b))
+        elif all(x.done for x in r.branches):
+            self._merge(r)
+        return None
+
+    def _flush_branches(self, r: _Request) -> int:
+        """Append the open block's branches to the response in canonical order; return the longest."""
+        longest = 0
+        record = BlockRecord(r.g, [])
+        for b in r.branches:
+            record.branches.append(BranchRecord(b.plan_id, len(r.response), len(b.tokens), b.done))
+            r.response += b.tokens
+            r.logprobs += b.logprobs
+            r.loss_mask += b.loss_mask
+            r.positions += range(b.start_pos, b.next_pos)
+            r.parser.feed(self.tokenizer.decode(b.tokens, skip_special_tokens=False))
+            longest = max(longest, len(b.tokens))
+        r.blocks.append(record)
+        r.branches = []
+        return longest
+
+    def _merge(self, r: _Request) -> None:
+        # The takeaway sits right after the longest branch (g + 1 + max len) and sees every branch.
+        pos = r.g + 1 + self._flush_branches(r)
+        r.blocks[-1].takeaway_position = pos
+        if not self._room(r, pos):
+            return
+        r.used += 1
+        r.response.append(self.tags.takeaway_open)
+        r.logprobs.append(0.0)
+        r.loss_mask.append(0)
+        r.positions.append(pos)
+        r.parser.feed(TAKEAWAY)
+        r.feeds.append(Feed(r.uid, self.tags.takeaway_open, pos))
+        r.samples.append((len(r.feeds) - 1, None))
+
+    # ------------------------------------------------------------------ results
+
+    def rollout(self, r: _Request) -> Rollout:
+        ids = r.response[:-1] if r.response and r.response[-1] in self.eos_ids else r.response
+        text = self.tokenizer.decode(ids, skip_special_tokens=False)
+        if r.stop_reason in r.params.stop:
+            text = text[: text.rfind(r.stop_reason)]
+        prompt_len = len(r.prompt_ids)
+        stats = RolloutStats(
+            total_tokens=len(r.response),
+            critical_path_tokens=(max(r.positions) - prompt_len + 1) if r.positions else 0,
+            forks=len(r.blocks),
+            branches=sum(len(b.branches) for b in r.blocks),
+            wall_time=r.wall_time,
+        )
+        return Rollout(
+            index=r.index,
+            sample=r.sample,
+            prompt_ids=list(r.prompt_ids),
+            token_ids=list(r.response),
+            position_ids=list(range(prompt_len)) + r.positions,
+            logprobs=r.logprobs,
+            loss_mask=r.loss_mask,
+            text=text,
+            finish_reason=r.finish or FinishReason.CANCELLED,
+            stop_reason=r.stop_reason,
+            mode=r.mode,
+            blocks=r.blocks,
+            stats=stats,
+        )
