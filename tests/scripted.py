@@ -57,10 +57,14 @@ class Script:
         g_open, s_open, s_close = last(t.guideline_open), last(t.step_open), last(t.step_close)
         t_open, t_close = last(t.takeaway_open), last(t.takeaway_close)
         if s_open > max(s_close, t_close):  # inside a branch (siblings are invisible)
-            plan = int(self.tokenizer.decode(visible[s_open + 1 : s_open + 2]))
-            forced = len(self._enc(f"{plan}:")) + 1
-            done = len(visible) - s_open - forced
-            if done >= self.branch_lens[block][plan - 1]:
+            plan = sum(1 for x in visible[g_open:s_open] if x == t.step_close) + 1  # sequential order
+            if self.tokenizer.decode(visible[s_open + 1 : s_open + 2]).isdigit():  # forked: ID is forced
+                plan = int(self.tokenizer.decode(visible[s_open + 1 : s_open + 2]))
+            ident = self._enc(f"{plan}:")
+            written = len(visible) - s_open - 1
+            if written < len(ident):  # sequential mode writes the ID itself
+                return self._force(logits, ident[written])
+            if written - len(ident) >= self.branch_lens[block][plan - 1]:
                 return self._force(logits, t.step_close)
             return self._free(logits)
         if t_open > t_close:  # inside a takeaway
@@ -74,7 +78,10 @@ class Script:
             written = len(visible) - g_open
             if written < len(script):
                 return self._force(logits, script[written])
-            return self._force(logits, t.step_open)  # sequential mode writes its own steps
+            steps = sum(1 for x in visible[g_open:] if x == t.step_close)  # sequential mode writes its steps
+            return self._force(
+                logits, t.step_open if steps < len(self.branch_lens[block]) else t.takeaway_open
+            )
         tail = self._enc(f" \\boxed{{{self.answer}}}")
         written = len(visible) - t_close - 1
         if written < self.final_len:
@@ -82,3 +89,16 @@ class Script:
         if written - self.final_len < len(tail):
             return self._force(logits, tail[written - self.final_len])
         return self._force(logits, self.tokenizer.eos_token_id)
+
+
+@dataclass
+class PerPrompt:
+    """Dispatch to a different Script per prompt, so one batch can mix fork shapes."""
+
+    scripts: dict[tuple[int, ...], Script]
+
+    def __call__(self, visible: list[int], logits: torch.Tensor) -> torch.Tensor:
+        for prompt, script in self.scripts.items():
+            if tuple(visible[: len(prompt)]) == prompt:
+                return script(visible, logits)
+        raise KeyError("no script for this prompt")

@@ -86,8 +86,9 @@ def build_layout(
     """Lay out prompt + response token ids.
 
     `parallel=False` gives the plain causal layout of a sequential response (tags are ordinary tokens).
-    `strict=False` accepts a response cut off inside a block (a budget stop): the open branch or missing
-    takeaway is tolerated, every other violation still raises.
+    `strict=False` accepts a response cut off inside a block (a budget stop): branches that end without
+    `</step>` (a `<step>` inside an open step starts the next sibling) and a missing takeaway are
+    tolerated; every other violation still raises.
     """
     ids = torch.as_tensor(token_ids, dtype=torch.long).flatten()
     n = len(ids)
@@ -120,6 +121,8 @@ def _walk(
     branch_lens: list[int] = []  # tokens per branch of the current block
     for i in range(prompt_len, len(ids)):
         tok = ids[i]
+        if region == "step" and tok == t.step_open and not strict:
+            region = "steps"  # a cut response: the open branch ended without </step>; this is its sibling
         if region == "step":
             if tok != t.step_close and tok in tags:
                 raise LayoutError(i, f"tag {t.tag_of(tok)} inside a step")

@@ -34,7 +34,7 @@ def _kv_layers(cache: DynamicCache) -> list[Any]:
     return [layer for layer in cache.layers if getattr(layer, "keys", None) is not None]
 
 
-def _cache_kwarg(model: PreTrainedModel) -> str:
+def cache_kwarg(model: PreTrainedModel) -> str:
     """transformers 5.x calls the cache `cache=`, 4.x `past_key_values=` (DESIGN §9)."""
     return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
 
@@ -46,7 +46,7 @@ class KVPool:
         self.model = model
         self.device = next(model.parameters()).device
         self.dtype = next(model.parameters()).dtype
-        self._cache_kw = _cache_kwarg(model)
+        self._cache_kw = cache_kwarg(model)
         self.reset()
 
     def reset(self) -> None:
