@@ -1,0 +1,138 @@
+r"""Procedural tasks of our own, with solutions and verifiers that check every intermediate result.
+
+`group_max`: 3–5 groups of single-digit numbers; the answer is the largest group sum. It is the demo's
+task because it decomposes cleanly — one plan per group, one step per running-sum chain, and a takeaway
+that names the maximum — so its ideal parallel speedup is 2.1/2.6/3.0× at 3/4/5 groups.
+
+On such a task chance is high (the most frequent answer alone is right ~10%), so the verifier checks every
+intermediate result, not only the final answer: every `a+b=c` must be right, every group total `L=S` must
+be stated and right, and a formatted answer must give each group its own step.
+
+>>> ex = make_group_max(1, seed=0)[0]
+>>> check_group_max(sequential_solution(ex), ex), check_group_max(parallel_solution(ex), ex)
+(True, True)
+>>> check_group_max(sequential_solution(ex).replace("=", "=1", 1), ex)
+False
+"""
+
+from __future__ import annotations
+
+import random
+import re
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from npr.data import Example
+from npr.format import Block, FormatError, Item, Trajectory, extract_answer, parse, render
+
+LABELS = "ABCDE"
+_EQUATION = re.compile(r"(\d+)\s*\+\s*(\d+)\s*=\s*(\d+)")
+_TOTAL = re.compile(r"\b([A-E])\s*=\s*(\d+)")
+
+
+def _groups(ex: Example) -> list[list[int]]:
+    return ex.meta["groups"]
+
+
+def _question(groups: list[list[int]]) -> str:
+    parts = "; ".join(f"{LABELS[i]}: {' '.join(map(str, g))}" for i, g in enumerate(groups))
+    return f"Which group has the largest sum? {parts}."
+
+
+def make_group_max(
+    n: int, seed: int = 0, *, min_groups: int = 3, max_groups: int = 5, group_size: int = 5
+) -> list[Example]:
+    """n problems, reproducible from the seed."""
+    rng = random.Random(seed)
+    out = []
+    for i in range(n):
+        groups = [
+            [rng.randint(1, 9) for _ in range(group_size)] for _ in range(rng.randint(min_groups, max_groups))
+        ]
+        answer = str(max(map(sum, groups)))
+        out.append(Example(_question(groups), answer, f"group_max-{seed}-{i}", {"groups": groups}))
+    return out
+
+
+def _chain(label: str, numbers: list[int]) -> str:
+    """Running-sum chain, e.g. "3+1=4 4+4=8 8+1=9 9+5=14 so A=14"."""
+    total, eqs = numbers[0], []
+    for x in numbers[1:]:
+        eqs.append(f"{total}+{x}={total + x}")
+        total += x
+    return f"{' '.join(eqs)} so {label}={total}"
+
+
+def _decision(groups: list[list[int]]) -> str:
+    sums = [sum(g) for g in groups]
+    return f"max({','.join(map(str, sums))})={max(sums)}"
+
+
+def sequential_solution(ex: Example) -> str:
+    """The plain worked solution the seed model learns from."""
+    groups = _groups(ex)
+    lines = [f"{LABELS[i]}: {_chain(LABELS[i], g)}." for i, g in enumerate(groups)]
+    return " ".join(lines) + f" {_decision(groups)} \\boxed{{{ex.answer}}}"
+
+
+def parallel_solution(ex: Example) -> str:
+    """A clean parallel trace (used by tests and for reference; never in the seed's data)."""
+    groups = _groups(ex)
+    plans = tuple(Item(str(i + 1), f"sum {LABELS[i]}") for i in range(len(groups)))
+    steps = tuple(Item(str(i + 1), _chain(LABELS[i], g)) for i, g in enumerate(groups))
+    return render(Trajectory((Block(plans, steps, _decision(groups)),), f"\\boxed{{{ex.answer}}}"))
+
+
+def noisy_attempt(ex: Example, rng: random.Random) -> str:
+    """A format attempt with the right content but a broken structure (seed data: never a clean trace).
+
+    One of: all groups lumped into one step under several plans; one merged plan; no takeaway; a step
+    left unclosed.
+    """
+    groups = _groups(ex)
+    chains = [_chain(LABELS[i], g) for i, g in enumerate(groups)]
+    plans = "".join(f"<plan>{i + 1}: sum {LABELS[i]}</plan>" for i in range(len(groups)))
+    steps = "".join(f"<step>{i + 1}: {c}</step>" for i, c in enumerate(chains))
+    end = f"<takeaway>{_decision(groups)}</takeaway>\\boxed{{{ex.answer}}}"
+    kind = rng.randrange(4)
+    if kind == 0:
+        return f"<guideline>{plans}</guideline><step>1: {' '.join(chains)}</step>{end}"
+    if kind == 1:
+        return f"<guideline><plan>1: sum all</plan></guideline>{steps}{end}"
+    if kind == 2:
+        return f"<guideline>{plans}</guideline>{steps}\\boxed{{{ex.answer}}}"
+    return f"<guideline>{plans}</guideline>{steps[: -len('</step>')]}{end}"
+
+
+def check_group_max(text: str, ex: Example) -> bool:
+    """Correct answer AND every intermediate result right AND (if formatted) one step per group."""
+    groups = _groups(ex)
+    if (extract_answer(text) or "").strip() != ex.answer:
+        return False
+    if any(int(a) + int(b) != int(c) for a, b, c in _EQUATION.findall(text)):
+        return False
+    totals = dict(_TOTAL.findall(text))
+    if any(totals.get(LABELS[i]) != str(sum(g)) for i, g in enumerate(groups)):
+        return False
+    if _decision(groups) not in text.replace(" ", ""):
+        return False
+    try:
+        trajectory = parse(text)
+    except FormatError:
+        return True  # unformatted (sequential) answers are judged on content alone
+    steps = [s for b in trajectory.blocks for s in b.steps]
+    return len(steps) == len(groups) and all(
+        f"{LABELS[i]}={sum(g)}" in s.text.replace(" ", "")
+        for i, (g, s) in enumerate(zip(groups, steps, strict=True))
+    )
+
+
+@dataclass(frozen=True)
+class Task:
+    """A procedural task: a generator and the verifier rewards and evaluation should use."""
+
+    make: Callable[..., list[Example]]
+    check: Callable[[str, Example], bool]
+
+
+TASKS: dict[str, Task] = {"group_max": Task(make_group_max, check_group_max)}
