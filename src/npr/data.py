@@ -1,0 +1,254 @@
+"""Datasets and prompts: JSONL files, reasoning-gym tasks, and the chat prompt that asks for the format.
+
+Prompt ids never contain tag ids (DESIGN §3): the instruction shows the tag strings as examples, so message
+contents are tokenised with special tokens split into ordinary text, while the chat template's own special
+tokens (``<|im_start|>`` …) stay special. The layout can then be computed from token ids alone.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from functools import cache
+from importlib.resources import files
+from pathlib import Path
+from typing import Any
+from urllib.parse import parse_qsl
+
+from npr.format import TagIds
+
+__all__ = [
+    "DataError",
+    "Example",
+    "build_prompt",
+    "build_prompt_text",
+    "encode_messages",
+    "instruction",
+    "load_dataset",
+    "load_jsonl",
+    "load_task",
+    "user_content",
+]
+
+TASK_PREFIX = "task:"
+DEFAULT_TASK_SIZE = 100
+# A string no message or template contains: it marks where each message's content goes in the rendered chat.
+_PLACEHOLDER = "NPR_MESSAGE_CONTENT_7f3a9c_"
+_PLACEHOLDER_RE = re.compile(re.escape(_PLACEHOLDER) + r"(\d+):")
+
+
+class DataError(ValueError):
+    """Bad input data; the message names the file and line (or the task spec)."""
+
+
+@dataclass(frozen=True)
+class Example:
+    """One problem: its question, its gold answer (a string), an id, and whatever else the source carries."""
+
+    question: str
+    answer: str
+    id: str = ""
+    meta: dict[str, Any] = field(default_factory=dict)
+
+
+# ---- JSONL -------------------------------------------------------------------------------------------
+
+
+def _text_field(record: dict[str, Any], name: str, where: str, *, numbers: bool) -> str:
+    """A required string field; gold answers may also be numbers (written as strings)."""
+    if name not in record:
+        raise DataError(f"{where}: missing field {name!r} (fields: {sorted(record)})")
+    value = record[name]
+    if numbers and isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value):
+        return str(value)
+    if not isinstance(value, str) or not value.strip():
+        kind = "a non-empty string or a number" if numbers else "a non-empty string"
+        raise DataError(f"{where}: field {name!r} must be {kind}, got {value!r}")
+    return value
+
+
+def load_jsonl(
+    path: str | os.PathLike[str],
+    *,
+    question_field: str = "question",
+    answer_field: str = "answer",
+    id_field: str | None = None,
+) -> list[Example]:
+    """Read one example per line; other fields go to ``meta``. Blank lines are skipped.
+
+    Ids come from ``id_field`` (unique) or default to ``"<file stem>:<line>"``.
+    """
+    path = Path(path)
+    examples: list[Example] = []
+    seen: dict[str, int] = {}
+    with path.open(encoding="utf-8") as f:
+        for lineno, line in enumerate(f, start=1):
+            if not line.strip():
+                continue
+            where = f"{path}:{lineno}"
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise DataError(f"{where}: invalid JSON ({e.msg} at column {e.colno})") from None
+            if not isinstance(record, dict):
+                raise DataError(f"{where}: expected a JSON object, got {type(record).__name__}")
+            question = _text_field(record, question_field, where, numbers=False)
+            answer = _text_field(record, answer_field, where, numbers=True)
+            ex_id = f"{path.stem}:{lineno}"
+            if id_field is not None:
+                ex_id = _text_field(record, id_field, where, numbers=True)
+                if ex_id in seen:
+                    raise DataError(f"{where}: duplicate id {ex_id!r} (first on line {seen[ex_id]})")
+                seen[ex_id] = lineno
+            used = {question_field, answer_field, id_field}
+            meta = {k: v for k, v in record.items() if k not in used}
+            examples.append(Example(question=question, answer=answer, id=ex_id, meta=meta))
+    return examples
+
+
+# ---- reasoning-gym tasks -----------------------------------------------------------------------------
+
+
+def load_task(name: str, n: int = DEFAULT_TASK_SIZE, seed: int = 0, **config: Any) -> list[Example]:
+    """``n`` problems of the reasoning-gym task ``name``; the same seed gives the same problems.
+
+    Extra keyword arguments go to the task's config (e.g. ``max_terms=3`` for ``chain_sum``).
+    """
+    import reasoning_gym  # slow import (sympy); only task users pay for it
+
+    if n < 1:
+        raise DataError(f"task {name!r}: n must be >= 1, got {n}")
+    try:
+        dataset = reasoning_gym.create_dataset(name, size=n, seed=seed, **config)
+    except (ValueError, TypeError, AssertionError) as e:
+        raise DataError(f"task {name!r} with config {config}: {e}") from e
+    return [
+        Example(
+            question=entry["question"],
+            answer=str(entry["answer"]),
+            id=f"{name}:{seed}:{i}",
+            meta={"task": name, **entry["metadata"]},
+        )
+        for i, entry in enumerate(dataset)
+    ]
+
+
+def _query_value(text: str) -> Any:
+    """``3`` → 3, ``0.5`` → 0.5, ``true`` → True; anything else stays a string."""
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError:
+        return text
+
+
+def load_dataset(spec: str | os.PathLike[str], **jsonl_options: Any) -> list[Example]:
+    """A JSONL path, or ``task:NAME?n=50&seed=1&KEY=VALUE`` for a reasoning-gym task.
+
+    ``jsonl_options`` (``question_field`` …) apply to files.
+
+    >>> [e.answer for e in load_dataset("task:chain_sum?n=2&seed=1")] == [
+    ...     e.answer for e in load_task("chain_sum", 2, seed=1)]
+    True
+    """
+    spec = os.fspath(spec)
+    if not spec.startswith(TASK_PREFIX):
+        return load_jsonl(spec, **jsonl_options)
+    name, _, query = spec.removeprefix(TASK_PREFIX).partition("?")
+    if not name:
+        raise DataError(f"{spec!r}: no task name (expected 'task:NAME?n=…&seed=…')")
+    try:
+        pairs = parse_qsl(query, keep_blank_values=True, strict_parsing=bool(query))
+    except ValueError as e:
+        raise DataError(f"{spec!r}: {e} (expected 'task:NAME?n=…&seed=…&KEY=VALUE')") from None
+    params = {k: _query_value(v) for k, v in pairs}
+    n, seed = params.pop("n", DEFAULT_TASK_SIZE), params.pop("seed", 0)
+    if not isinstance(n, int) or not isinstance(seed, int):
+        raise DataError(f"{spec!r}: n and seed must be integers, got n={n!r}, seed={seed!r}")
+    return load_task(name, n, seed, **params)
+
+
+# ---- prompts -----------------------------------------------------------------------------------------
+
+
+@cache
+def instruction(parallel: bool = True) -> str:
+    """The format instruction (parallel) or the plain step-by-step one (sequential baselines)."""
+    name = "format_instruction.txt" if parallel else "sequential_instruction.txt"
+    return files("npr").joinpath("prompts", name).read_text(encoding="utf-8").strip()
+
+
+def user_content(question: str, *, parallel: bool = True) -> str:
+    """The user turn: the question, a blank line, then the instruction (DESIGN §2)."""
+    return f"{question.strip()}\n\n{instruction(parallel)}"
+
+
+def _render_parts(
+    tokenizer: Any, messages: Sequence[Mapping[str, Any]], add_generation_prompt: bool
+) -> list[tuple[str, bool]]:
+    """The rendered chat as ``(text, is_message_content)`` pieces, in order.
+
+    The template is rendered with a numbered placeholder as each message's content, so template logic that
+    inspects a content sees the placeholder; each must come out exactly once.
+    """
+    for i, message in enumerate(messages):
+        if not isinstance(message.get("content"), str):
+            raise ValueError(f"message {i}: content must be a string, got {message.get('content')!r}")
+    masked = [{**m, "content": f"{_PLACEHOLDER}{i}:"} for i, m in enumerate(messages)]
+    rendered = tokenizer.apply_chat_template(
+        masked, tokenize=False, add_generation_prompt=add_generation_prompt
+    )
+    pieces = _PLACEHOLDER_RE.split(rendered)  # [template, index, template, index, …, template]
+    order = [int(i) for i in pieces[1::2]]
+    if sorted(order) != list(range(len(messages))):
+        raise ValueError("the tokenizer's chat template must render every message's content exactly once")
+    parts = [(pieces[0], False)]
+    for index, template in zip(order, pieces[2::2], strict=True):
+        parts += [(messages[index]["content"], True), (template, False)]
+    return [(text, is_content) for text, is_content in parts if text]
+
+
+def encode_messages(
+    tokenizer: Any, messages: Sequence[Mapping[str, Any]], *, add_generation_prompt: bool = True
+) -> list[int]:
+    """Chat messages → prompt ids: the template's own tokens stay special, message contents are plain text.
+
+    Raises if a tag id still occurs (a template that writes tags itself): the layout would misread it.
+    """
+
+    def encode(text: str, is_content: bool) -> list[int]:
+        return list(tokenizer(text, add_special_tokens=False, split_special_tokens=is_content)["input_ids"])
+
+    ids = [
+        i
+        for text, is_content in _render_parts(tokenizer, messages, add_generation_prompt)
+        for i in encode(text, is_content)
+    ]
+    leaked = set(ids) & _tag_ids(tokenizer)
+    if leaked:
+        raise ValueError(f"prompt ids contain tag ids {sorted(leaked)}: check the chat template")
+    return ids
+
+
+def _tag_ids(tokenizer: Any) -> set[int]:
+    try:
+        return set(TagIds.from_tokenizer(tokenizer).as_tuple())
+    except ValueError:  # a seed model before `add_tag_tokens` (stage 1): no tag id to leak
+        return set()
+
+
+def _question_turn(question: str, parallel: bool) -> list[dict[str, str]]:
+    return [{"role": "user", "content": user_content(question, parallel=parallel)}]
+
+
+def build_prompt(tokenizer: Any, question: str, *, parallel: bool = True) -> list[int]:
+    """Prompt ids for a question: one user turn (no system prompt), then the assistant's turn opens."""
+    return encode_messages(tokenizer, _question_turn(question, parallel))
+
+
+def build_prompt_text(tokenizer: Any, question: str, *, parallel: bool = True) -> str:
+    """The text that :func:`build_prompt` tokenises, for display (never re-tokenise it)."""
+    return "".join(text for text, _ in _render_parts(tokenizer, _question_turn(question, parallel), True))
