@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from functools import cache
 from importlib.resources import files
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 from urllib.parse import parse_qsl
 
 from npr.format import TagIds
@@ -118,10 +118,17 @@ def load_task(name: str, n: int = DEFAULT_TASK_SIZE, seed: int = 0, **config: An
 
     Extra keyword arguments go to the task's config (e.g. ``max_terms=3`` for ``chain_sum``).
     """
-    import reasoning_gym  # slow import (sympy); only task users pay for it
+    from npr.tasks import TASKS  # our own tasks; a lazy import, tasks.py builds on this module
 
     if n < 1:
         raise DataError(f"task {name!r}: n must be >= 1, got {n}")
+    if name in TASKS:
+        try:
+            return TASKS[name].make(n, seed, **config)
+        except TypeError as e:
+            raise DataError(f"task {name!r} with config {config}: {e}") from e
+    import reasoning_gym  # slow import (sympy); only task users pay for it
+
     try:
         dataset = reasoning_gym.create_dataset(name, size=n, seed=seed, **config)
     except (ValueError, TypeError, AssertionError) as e:
@@ -174,16 +181,26 @@ def load_dataset(spec: str | os.PathLike[str], **jsonl_options: Any) -> list[Exa
 # ---- prompts -----------------------------------------------------------------------------------------
 
 
+PromptStyle = Literal["full", "short"]
+PROMPT_STYLES: tuple[str, ...] = ("full", "short")
+"""`full` explains the format to a pretrained model; `short` is a few-token cue for models trained from
+scratch (the demo), whose prompts would otherwise cost more compute than their answers."""
+
+
 @cache
-def instruction(parallel: bool = True) -> str:
+def instruction(parallel: bool = True, style: PromptStyle = "full") -> str:
     """The format instruction (parallel) or the plain step-by-step one (sequential baselines)."""
-    name = "format_instruction.txt" if parallel else "sequential_instruction.txt"
-    return files("npr").joinpath("prompts", name).read_text(encoding="utf-8").strip()
+    if style not in PROMPT_STYLES:
+        raise ValueError(f"prompt style must be one of {PROMPT_STYLES}, got {style!r}")
+    name = ("format_instruction" if parallel else "sequential_instruction") + (
+        "_short" if style == "short" else ""
+    )
+    return files("npr").joinpath("prompts", f"{name}.txt").read_text(encoding="utf-8").strip()
 
 
-def user_content(question: str, *, parallel: bool = True) -> str:
+def user_content(question: str, *, parallel: bool = True, style: PromptStyle = "full") -> str:
     """The user turn: the question, a blank line, then the instruction (DESIGN §2)."""
-    return f"{question.strip()}\n\n{instruction(parallel)}"
+    return f"{question.strip()}\n\n{instruction(parallel, style)}"
 
 
 def _render_parts(
@@ -240,15 +257,20 @@ def _tag_ids(tokenizer: Any) -> set[int]:
         return set()
 
 
-def _question_turn(question: str, parallel: bool) -> list[dict[str, str]]:
-    return [{"role": "user", "content": user_content(question, parallel=parallel)}]
+def _question_turn(question: str, parallel: bool, style: PromptStyle) -> list[dict[str, str]]:
+    return [{"role": "user", "content": user_content(question, parallel=parallel, style=style)}]
 
 
-def build_prompt(tokenizer: Any, question: str, *, parallel: bool = True) -> list[int]:
+def build_prompt(
+    tokenizer: Any, question: str, *, parallel: bool = True, style: PromptStyle = "full"
+) -> list[int]:
     """Prompt ids for a question: one user turn (no system prompt), then the assistant's turn opens."""
-    return encode_messages(tokenizer, _question_turn(question, parallel))
+    return encode_messages(tokenizer, _question_turn(question, parallel, style))
 
 
-def build_prompt_text(tokenizer: Any, question: str, *, parallel: bool = True) -> str:
+def build_prompt_text(
+    tokenizer: Any, question: str, *, parallel: bool = True, style: PromptStyle = "full"
+) -> str:
     """The text that :func:`build_prompt` tokenises, for display (never re-tokenise it)."""
-    return "".join(text for text, _ in _render_parts(tokenizer, _question_turn(question, parallel), True))
+    turn = _question_turn(question, parallel, style)
+    return "".join(text for text, _ in _render_parts(tokenizer, turn, True))
