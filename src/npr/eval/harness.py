@@ -1,0 +1,231 @@
+"""`evaluate`: decode a dataset k times per problem, score it, measure it, and write the results.
+
+One run decodes every problem × k samples through one engine, continuous-batching style (all requests are
+queued; the engine admits them as room frees up), timed from the first step to the last token. A sequential
+baseline reruns the same problems with the same engine and settings right after, so the speedups compare two
+runs measured in one process on one machine.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+from tqdm.auto import tqdm
+
+from npr.data import Example, build_prompt
+from npr.engine import ParallelEngine, Rollout, SamplingParams
+from npr.eval.metrics import RunMetrics, Speedup, format_valid, run_metrics, speedup
+from npr.eval.report import write_outputs
+from npr.rewards import AnswerCheck, accuracy_reward_batch
+
+Mode = Literal["parallel", "sequential"]
+
+PAPER_TEMPERATURE = 1.0
+"""Sampling temperature of the paper's evaluation (DESIGN §7)."""
+PAPER_TOP_P = 0.7
+"""Nucleus mass of the paper's evaluation (DESIGN §7)."""
+PAPER_K = 8
+"""Samples per problem on small benchmarks in the paper (1 on large ones; DESIGN §7)."""
+DEFAULT_MAX_NEW_TOKENS = 4096
+"""Ours: the token budget over all branches of one answer (the paper does not state its eval budget)."""
+WARMUP_TOKENS = 8
+"""Tokens of the untimed warm-up decode (first-call costs such as kernel setup stay out of TPS)."""
+
+
+def paper_params(k: int = PAPER_K, **overrides: Any) -> SamplingParams:
+    """The paper's eval sampling settings (T 1.0, top-p 0.7) with our budget; keyword arguments override."""
+    settings: dict[str, Any] = {
+        "temperature": PAPER_TEMPERATURE,
+        "top_p": PAPER_TOP_P,
+        "max_new_tokens": DEFAULT_MAX_NEW_TOKENS,
+    }
+    return SamplingParams(n=k, **{**settings, **overrides})
+
+
+@dataclass
+class RunResult:
+    """One mode's run: its metrics, one record per problem, and the rollouts (problem-major)."""
+
+    metrics: RunMetrics
+    records: list[dict[str, Any]]
+    rollouts: list[Rollout]
+
+
+@dataclass
+class EvalResult:
+    """What `evaluate` returns; ``speedup`` is set when a sequential baseline ran."""
+
+    settings: dict[str, Any]
+    run: RunResult
+    baseline: RunResult | None = None
+    speedup: Speedup | None = None
+    out_dir: Path | None = None
+
+    @property
+    def metrics(self) -> RunMetrics:
+        return self.run.metrics
+
+    def summary(self) -> dict[str, Any]:
+        """The JSON summary: settings, metrics of the run and of the baseline, speedups."""
+        return {
+            "settings": self.settings,
+            "metrics": self.run.metrics.to_dict(),
+            "baseline": self.baseline.metrics.to_dict() if self.baseline else None,
+            "speedup": self.speedup.to_dict() if self.speedup else None,
+        }
+
+
+def _params_dict(params: SamplingParams) -> dict[str, Any]:
+    """The sampling settings as JSON (logits processors are code, so they are only counted)."""
+    d = {f.name: getattr(params, f.name) for f in dataclasses.fields(params) if f.name != "logits_processors"}
+    return {**d, "stop": list(params.stop), "logits_processors": len(params.logits_processors)}
+
+
+def _decode(
+    engine: ParallelEngine, prompts: Sequence[list[int]], params: SamplingParams, mode: Mode, progress: bool
+) -> tuple[list[Rollout], float]:
+    """All prompts × n samples, queued at once; the bar advances when a problem's last sample finishes.
+
+    On any error (a prompt too long, Ctrl-C) the requests still open are cancelled, so the engine stays usable.
+    """
+    start = time.perf_counter()
+    flat: list = []
+    try:
+        for i, p in enumerate(prompts):
+            flat += engine.add_request(p, params, mode, index=i)
+        ours = {r.uid for r in flat}
+        left = [params.n] * len(prompts)
+        with tqdm(total=len(prompts), desc=f"eval {mode}", unit="problem", disable=not progress) as bar:
+            while any(r.finish is None for r in flat):
+                for r in engine.step():
+                    if r.uid in ours:
+                        left[r.index] -= 1
+                        if left[r.index] == 0:
+                            bar.update()
+    finally:
+        for r in flat:
+            if r.finish is None:
+                engine.cancel(r)
+    wall = time.perf_counter() - start
+    return [engine.rollout(r) for r in flat], wall
+
+
+def _records(
+    examples: Sequence[Example], rollouts: Sequence[Rollout], correct: Sequence[Sequence[bool]], k: int
+) -> list[dict[str, Any]]:
+    """One JSON-ready record per problem, with every sample's answer, verdict, tokens and latency."""
+    records = []
+    for i, (ex, row) in enumerate(zip(examples, correct, strict=True)):
+        samples = [
+            {
+                "answer": r.answer,
+                "correct": ok,
+                "format_valid": format_valid(r.text),
+                "total_tokens": r.stats.total_tokens,
+                "critical_path_tokens": r.stats.critical_path_tokens,
+                "forks": r.stats.forks,
+                "branches": r.stats.branches,
+                "finish_reason": r.finish_reason.value,
+                "latency_s": r.stats.wall_time,
+            }
+            for r, ok in zip(rollouts[i * k : (i + 1) * k], row, strict=True)
+        ]
+        records.append(
+            {"id": ex.id, "question": ex.question, "gold": ex.answer, "correct": sum(row), "samples": samples}
+        )
+    return records
+
+
+def _run(
+    engine: ParallelEngine,
+    examples: Sequence[Example],
+    params: SamplingParams,
+    mode: Mode,
+    verifier: AnswerCheck | None,
+    progress: bool,
+) -> RunResult:
+    """Decode, score (batched) and measure one mode."""
+    prompts = [build_prompt(engine.tokenizer, ex.question, parallel=mode == "parallel") for ex in examples]
+    rollouts, wall = _decode(engine, prompts, params, mode, progress)
+    golds = [ex for ex in examples for _ in range(params.n)]
+    rewards = accuracy_reward_batch([r.text for r in rollouts], golds, check=verifier)
+    k = params.n
+    correct = [[x > 0 for x in rewards[i * k : (i + 1) * k]] for i in range(len(examples))]
+    return RunResult(run_metrics(rollouts, correct, wall), _records(examples, rollouts, correct, k), rollouts)
+
+
+def _warm_up(engine: ParallelEngine, example: Example, params: SamplingParams, modes: Sequence[Mode]) -> None:
+    """A few untimed tokens per mode, so one-time costs do not land on whichever run goes first."""
+    short = dataclasses.replace(params, n=1, max_new_tokens=WARMUP_TOKENS, max_path_tokens=None)
+    for mode in modes:
+        engine.generate(
+            [build_prompt(engine.tokenizer, example.question, parallel=mode == "parallel")], short, mode
+        )
+
+
+def check_run(mode: str, baseline: str | None, k: int) -> None:
+    """Reject a bad mode, baseline or k before any model is loaded."""
+    if mode not in ("parallel", "sequential"):
+        raise ValueError(f"mode must be 'parallel' or 'sequential', got {mode!r}")
+    if baseline not in (None, "sequential"):
+        raise ValueError(f"baseline must be None or 'sequential', got {baseline!r}")
+    if baseline == mode:
+        raise ValueError("a sequential run needs no sequential baseline: use mode='parallel' or no baseline")
+    if k < 1:
+        raise ValueError(f"k must be >= 1, got {k}")
+
+
+def evaluate(
+    engine: ParallelEngine,
+    dataset: Sequence[Example],
+    k: int = PAPER_K,
+    params: SamplingParams | None = None,
+    mode: Mode = "parallel",
+    baseline: Literal["sequential"] | None = None,
+    progress: bool = True,
+    out_dir: str | Path | None = None,
+    verifier: AnswerCheck | None = None,
+    *,
+    warmup: bool = True,
+    info: dict[str, Any] | None = None,
+) -> EvalResult:
+    """Decode every problem k times in ``mode``, score and measure it (DESIGN §7); optionally write files.
+
+    ``params`` defaults to :func:`paper_params`; its ``n`` is replaced by ``k``. ``baseline="sequential"``
+    reruns the problems sequentially with the same settings and reports the speedups. ``verifier`` is a
+    task's own ``check(response_text, example)`` (default: math-verify on the boxed answer). ``info``
+    (model name, data spec …) is stored with the settings. With ``out_dir`` the files of
+    :func:`npr.eval.report.write_outputs` are written there.
+    """
+    check_run(mode, baseline, k)
+    if not dataset:
+        raise ValueError("evaluate needs at least one problem, got an empty dataset")
+    params = dataclasses.replace(params or paper_params(k), n=k)
+    modes: list[Mode] = [mode] if baseline is None else [mode, baseline]
+    if warmup:
+        _warm_up(engine, dataset[0], params, modes)
+    runs = [_run(engine, dataset, params, m, verifier, progress) for m in modes]
+    settings = {
+        "mode": mode,
+        "baseline": baseline,
+        "k": k,
+        "problems": len(dataset),
+        "params": _params_dict(params),
+        "verifier": getattr(verifier, "__name__", type(verifier).__name__) if verifier else "math-verify",
+        "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
+        "info": info or {},
+    }
+    result = EvalResult(settings, runs[0])
+    if baseline is not None:
+        result.baseline = runs[1]
+        result.speedup = speedup(runs[0].metrics, runs[1].metrics)
+    if out_dir is not None:
+        result.out_dir = Path(out_dir)
+        write_outputs(result, result.out_dir)
+    return result
