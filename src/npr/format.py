@@ -223,6 +223,8 @@ class _Machine:
     text: str = ""  # text of the open plan/step/takeaway
     text_offset: int = 0
     guideline_text_flagged: bool = False
+    # Text after a </plan> in a guideline: stray if another <plan> follows, text_in_guideline otherwise.
+    guideline_gap: int | None = None
     # Pieces seen outside any block since the last complete block: their meaning is known only later
     # (stray text before a new block, or the final text when the response ends).
     outside_text: list[tuple[str, int]] = field(default_factory=list)
@@ -242,11 +244,18 @@ class _Machine:
         elif self.state == "outside":
             self.outside_text.append((text, offset))
         elif text.strip():
-            if self.state == "guideline" and not self.guideline_text_flagged:
-                self.guideline_text_flagged = True
-                self.issues.append(Issue("text_in_guideline", "text outside <plan> in a guideline", offset))
+            if self.state == "guideline" and self.plans:
+                if self.guideline_gap is None:
+                    self.guideline_gap = offset
+            elif self.state == "guideline":
+                self._flag_guideline_text(offset)
             elif self.state == "steps":
                 self.issues.append(Issue("stray_text", "text between steps", offset))
+
+    def _flag_guideline_text(self, offset: int) -> None:
+        if not self.guideline_text_flagged:
+            self.guideline_text_flagged = True
+            self.issues.append(Issue("text_in_guideline", "text outside <plan> in a guideline", offset))
 
     def _violation(self, code: str, message: str, offset: int) -> Event:
         self.issues.append(Issue(code, message, offset))
@@ -261,6 +270,7 @@ class _Machine:
 
     def _reset_block(self) -> None:
         self.plans, self.steps, self.text, self.guideline_text_flagged = [], [], "", False
+        self.guideline_gap = None
 
     def _tag(self, tag: str, offset: int) -> list[Event]:
         s = self.state
@@ -275,9 +285,14 @@ class _Machine:
             ]
         if s == "guideline":
             if tag == PLAN:
+                if self.guideline_gap is not None:
+                    self.issues.append(Issue("stray_text", "text between plans", self.guideline_gap))
+                    self.guideline_gap = None
                 self.state, self.text, self.text_offset = "plan", "", offset + len(tag)
                 return []
             if tag == GUIDELINE_END:
+                if self.guideline_gap is not None:
+                    self._flag_guideline_text(self.guideline_gap)
                 return self._close_guideline(offset)
         elif s == "plan" and tag == PLAN_END:
             self.plans.append(_split_item(self.text, "plan", self.text_offset, self.issues))
@@ -340,7 +355,8 @@ class _Machine:
         final = "".join(t for t, _ in self.outside_text) if self.state == "outside" else ""
         at = self.outside_text[0][1] if self.outside_text else end
         if not self.blocks:
-            self.issues.append(Issue("no_block", "no complete <guideline>…</takeaway> block", 0))
+            # At the end, not at 0: parse then reports the cause (a nested tag, an unclosed block) first.
+            self.issues.append(Issue("no_block", "no complete <guideline>…</takeaway> block", end))
         if self.outside_tags:
             tag, tag_at = self.outside_tags[0]
             self.issues.append(Issue("tag_in_final", f"{tag} in the final text", tag_at))
@@ -492,3 +508,19 @@ class StreamParser:
 
     def feed_all(self, pieces: Iterable[str]) -> list[Event]:
         return [e for p in pieces for e in self.feed(p)]
+
+    def feed_token(self, piece: str, tag: str | None) -> list[Event]:
+        """Feed one decoded token whose tag-ness is known from its id: `tag` for a tag token, else None.
+
+        A tag spelled out in ordinary sub-tokens is then plain text, which keeps the engine's structure
+        a function of token ids, as the layout is (DESIGN §3).
+
+        >>> p = StreamParser()
+        >>> p.feed_token("<guideline>", None), p.state
+        ([], 'outside')
+        """
+        if self._pending:  # text held back by `feed` is plain text after all
+            piece, self._pending = self._pending + piece, ""
+        at = self._offset
+        self._offset += len(piece)
+        return self._machine.feed(tag, piece, at)

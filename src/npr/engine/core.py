@@ -16,7 +16,7 @@ from npr.engine.kv import Feed, KVPool
 from npr.engine.params import FinishReason, SamplingParams
 from npr.engine.rollout import BlockRecord, BranchRecord, Rollout, RolloutStats
 from npr.engine.sampling import sample_token
-from npr.format import TAKEAWAY, EventKind, StreamParser, TagIds
+from npr.format import Event, EventKind, StreamParser, TagIds
 
 Mode = Literal["parallel", "sequential"]
 Prompt = str | Sequence[int] | Sequence[dict]
@@ -84,7 +84,7 @@ class ParallelEngine:
         self.model = model.eval()
         self.tokenizer = tokenizer
         self.tags = TagIds.from_tokenizer(tokenizer)
-        self.pool = KVPool(model)
+        self.pool = KVPool(model, pad_id=tokenizer.pad_token_id or 0)
         self.max_batch_requests = max_batch_requests
         self.prefill_tokens = prefill_tokens
         self.max_positions = int(getattr(model.config, "max_position_embeddings", 1 << 30))
@@ -104,10 +104,15 @@ class ParallelEngine:
     ) -> list[Rollout]:
         """Decode every prompt `params.n` times; rollouts come back prompt-major, in input order."""
         params = params or SamplingParams()
-        requests = [self.add_request(p, params, mode, index=i) for i, p in enumerate(prompts)]
-        flat = [r for group in requests for r in group]
-        while any(r.finish is None for r in flat):
-            self.step()
+        encoded = [self.encode_prompt(p) for p in prompts]  # refuse a bad prompt before queuing any
+        flat = [r for i, ids in enumerate(encoded) for r in self.add_request(ids, params, mode, index=i)]
+        try:
+            while any(r.finish is None for r in flat):
+                self.step()
+        except BaseException:  # e.g. a failing logits processor: leave no request behind
+            for r in flat:
+                self.cancel(r)
+            raise
         return [self.rollout(r) for r in flat]
 
     def add_request(
@@ -146,6 +151,8 @@ class ParallelEngine:
         """Withdraw a request (e.g. its client went away) and free its cache slots."""
         if request in self.waiting:
             self.waiting.remove(request)
+        if request in self.running:
+            self.running.remove(request)
         if request.finish is None:
             self._finish(request, FinishReason.CANCELLED)
 
@@ -233,6 +240,13 @@ class ParallelEngine:
             piece = self._pieces[token] = self.tokenizer.decode([token], skip_special_tokens=False)
         return piece
 
+    def _parse(self, r: _Request, parser: StreamParser, token: int) -> list[Event]:
+        """Parallel mode reads structure from tag ids only (the layout does too); sequential mode reads
+        text, so a stage-1 model that spells tags in sub-tokens is parsed like the reward parses it."""
+        if r.mode == "parallel":
+            return parser.feed_token(self._piece(token), self.tags.tag_of(token))
+        return parser.feed(self._piece(token))
+
     def _visible(self, r: _Request, unit: _Branch | None) -> list[int]:
         """Token ids the unit can see, canonical order: prompt, finished blocks, trunk, own branch."""
         return r.prompt_ids + r.response + (unit.tokens if unit is not None else [])
@@ -262,6 +276,10 @@ class ParallelEngine:
         r.loss_mask.append(1)
         r.positions.append(pos)
         if token in self.eos_ids:
+            if r.parser.state != "outside" and r.stop_on_violation:
+                return self._finish(
+                    r, FinishReason.INVALID_STRUCTURE, f"end of sequence inside <{r.parser.state}>"
+                )
             return self._finish(r, FinishReason.STOP)
         if token == self.tags.step_open:
             r.step_start = len(r.response) - 1
@@ -270,7 +288,7 @@ class ParallelEngine:
         for s in r.params.stop:
             if s in r.trunk_text[-(len(s) + len(piece)) :]:
                 return self._finish(r, FinishReason.STOP, stop_reason=s)
-        for event in r.parser.feed(piece):
+        for event in self._parse(r, r.parser, token):
             if event.kind == EventKind.VIOLATION and r.stop_on_violation:
                 code = event.code or "violation"
                 reason = FinishReason.INVALID_FORK if code in _FORK_ERRORS else FinishReason.INVALID_STRUCTURE
@@ -318,7 +336,8 @@ class ParallelEngine:
                 b.tokens.append(t)
                 b.logprobs.append(0.0)
                 b.loss_mask.append(0)
-            b.parser.feed(self.tokenizer.decode(ids[1:]))
+            for t in ids[1:]:
+                self._parse(r, b.parser, t)
             r.samples.append((len(r.feeds) - 1, b))
             r.branches.append(b)
             r.used += len(ids)
@@ -333,7 +352,7 @@ class ParallelEngine:
             return self._finish(
                 r, FinishReason.INVALID_STRUCTURE, stop_reason="end of sequence inside a step"
             )
-        for event in b.parser.feed(self._piece(token)):
+        for event in self._parse(r, b.parser, token):
             if event.kind == EventKind.VIOLATION:
                 return self._finish(
                     r, FinishReason.INVALID_STRUCTURE, stop_reason=f"{event.code}: {event.message}"
@@ -359,7 +378,8 @@ class ParallelEngine:
             r.logprobs += b.logprobs
             r.loss_mask += b.loss_mask
             r.positions += range(b.start_pos, b.next_pos)
-            r.parser.feed(self.tokenizer.decode(b.tokens, skip_special_tokens=False))
+            for t in b.tokens:
+                self._parse(r, r.parser, t)
             longest = max(longest, len(b.tokens))
         r.blocks.append(record)
         r.branches = []
@@ -376,7 +396,7 @@ class ParallelEngine:
         r.logprobs.append(0.0)
         r.loss_mask.append(0)
         r.positions.append(pos)
-        r.parser.feed(TAKEAWAY)
+        self._parse(r, r.parser, self.tags.takeaway_open)
         r.feeds.append(Feed(r.uid, self.tags.takeaway_open, pos))
         r.samples.append((len(r.feeds) - 1, None))
 

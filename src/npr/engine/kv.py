@@ -1,9 +1,14 @@
-"""One flat KV pool shared by every request and branch, with a visibility rule instead of copies.
+"""The engine's KV cache: one row per request, branches of a request share that row's prefix.
 
-All tokens of all live requests sit in a single cache sequence (batch size 1). Each slot remembers its
-owner request, its block and its branch; a query sees a slot iff it has the same owner, came no later, and
-is not a sibling branch of the same block. So a prefix is stored once however many branches read it,
-ragged requests need no padding, and one forward per step advances everything (DESIGN §4).
+Each row holds one request's tokens: prompt, trunk and every branch, in the order they were decoded. A
+slot remembers its block and branch; a query sees a slot of its own row iff the slot is real (not
+padding), came no later, and is not a sibling branch of the same block. So a prefix is stored once however
+many branches read it, and one forward per step advances every branch of every request: a ragged batch
+with per-row 4D masks and position ids (DESIGN §4).
+
+New requests are prefilled in a forward of their own (so a long prompt does not pad every other row) and
+their rows are appended to the batch. Finished rows are dropped, and padding is squeezed out once it
+dominates.
 """
 
 from __future__ import annotations
@@ -13,6 +18,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from transformers import DynamicCache, PreTrainedModel
 
 TRUNK = -1  # block/branch id of tokens outside any branch
@@ -20,18 +26,13 @@ TRUNK = -1  # block/branch id of tokens outside any branch
 
 @dataclass(frozen=True)
 class Feed:
-    """One token to append to the pool this step."""
+    """One token to append to its request's row this step."""
 
     owner: int  # request uid
     token: int
     position: int
-    block: int = TRUNK  # globally unique block uid for branch tokens
+    block: int = TRUNK  # block uid for branch tokens
     branch: int = TRUNK
-
-
-def _kv_layers(cache: DynamicCache) -> list[Any]:
-    """Cache layers that hold tensors (a fresh cache initialises its layers lazily)."""
-    return [layer for layer in cache.layers if getattr(layer, "keys", None) is not None]
 
 
 def cache_kwarg(model: PreTrainedModel) -> str:
@@ -39,75 +40,185 @@ def cache_kwarg(model: PreTrainedModel) -> str:
     return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
 
 
-class KVPool:
-    """The shared cache plus per-slot metadata; `forward` appends feeds and returns selected logits."""
+def _kv_layers(cache: DynamicCache) -> list[Any]:
+    """Cache layers that hold tensors (a fresh cache initialises its layers lazily)."""
+    return [layer for layer in cache.layers if getattr(layer, "keys", None) is not None]
 
-    def __init__(self, model: PreTrainedModel):
+
+@dataclass
+class _Rows:
+    """A batch of rows: their cache and per-slot metadata (all `[B, S]`)."""
+
+    owners: list[int]
+    cache: DynamicCache
+    block: torch.Tensor
+    branch: torch.Tensor
+    valid: torch.Tensor  # False on padding slots
+
+    def pad_to(self, length: int) -> None:
+        extra = length - self.valid.shape[1]
+        if extra <= 0:
+            return
+        for layer in _kv_layers(self.cache):  # keys/values: [B, H, S, D]
+            layer.keys = F.pad(layer.keys, (0, 0, 0, extra))
+            layer.values = F.pad(layer.values, (0, 0, 0, extra))
+        self.block = F.pad(self.block, (0, extra), value=TRUNK)
+        self.branch = F.pad(self.branch, (0, extra), value=TRUNK)
+        self.valid = F.pad(self.valid, (0, extra), value=False)
+
+    def select(self, rows: torch.Tensor, slots: torch.Tensor | None = None) -> None:
+        """Keep `rows` `[B']`, and per row the slots `slots` `[B', S']` (None = all)."""
+        for layer in _kv_layers(self.cache):
+            for name in ("keys", "values"):
+                t = getattr(layer, name).index_select(0, rows)
+                if slots is not None:
+                    t = t.gather(2, slots[:, None, :, None].expand(-1, t.shape[1], -1, t.shape[3]))
+                setattr(layer, name, t)
+        for name in ("block", "branch", "valid"):
+            t = getattr(self, name).index_select(0, rows)
+            setattr(self, name, t if slots is None else t.gather(1, slots))
+        self.owners = [self.owners[i] for i in rows.tolist()]
+
+
+class KVPool:
+    """All live requests' caches; `forward` appends feeds and returns logits at the sample points."""
+
+    def __init__(self, model: PreTrainedModel, pad_id: int = 0):
         self.model = model
+        self.decoder = model.get_decoder()
+        self.head = model.get_output_embeddings()
         self.device = next(model.parameters()).device
         self.dtype = next(model.parameters()).dtype
-        self._cache_kw = cache_kwarg(model)
+        self.pad_id = pad_id
+        self._cache_kw = cache_kwarg(self.decoder)
         self.reset()
 
     def reset(self) -> None:
-        self.cache = DynamicCache()
-        empty = torch.empty(0, dtype=torch.long, device=self.device)
-        self.owner, self.block, self.branch = empty, empty.clone(), empty.clone()  # [S] each
+        self.rows = self._empty_rows(0)
         self.dead: set[int] = set()
 
+    def _empty_rows(self, n: int) -> _Rows:
+        empty = torch.empty(n, 0, dtype=torch.long, device=self.device)
+        return _Rows([], DynamicCache(), empty, empty.clone(), empty.bool())
+
     def __len__(self) -> int:
-        return len(self.owner)
+        """Real (non-padding) slots held by live requests."""
+        return int(self.rows.valid.sum())
+
+    def slots(self, owner: int) -> int:
+        """Real slots a request holds (0 once its row is freed)."""
+        if owner in self.dead or owner not in self.rows.owners:
+            return 0
+        return int(self.rows.valid[self.rows.owners.index(owner)].sum())
 
     def bytes_used(self) -> int:
-        """Bytes held by keys and values of all layers."""
-        layers = _kv_layers(self.cache)
+        """Bytes held by keys and values of all layers, padding included."""
+        layers = _kv_layers(self.rows.cache)
         return sum(t.numel() * t.element_size() for layer in layers for t in (layer.keys, layer.values))
 
-    def _mask(self, owner: torch.Tensor, block: torch.Tensor, branch: torch.Tensor) -> torch.Tensor:
-        q, s = len(owner), len(self.owner)  # queries are the last q of s slots
-        visible = owner[:, None] == self.owner[None, :]  # [Q, S]
-        slot = torch.arange(s, device=self.device)
-        visible &= slot[None, :] <= (s - q + torch.arange(q, device=self.device))[:, None]
-        sibling = (block[:, None] == self.block[None, :]) & (block[:, None] != TRUNK)
-        visible &= ~(sibling & (branch[:, None] != self.branch[None, :]))
-        mask = torch.zeros(q, s, dtype=self.dtype, device=self.device)
-        # finfo.min, not -inf and not a bool mask: eager attention adds it, and a row stays finite.
-        return mask.masked_fill_(~visible, torch.finfo(self.dtype).min)[None, None]  # [1, 1, Q, S]
+    def release(self, owner: int) -> None:
+        """Free a finished request's row (dropped before the next forward)."""
+        self.dead.add(owner)
 
     @torch.inference_mode()
     def forward(self, feeds: list[Feed], sample_at: list[int]) -> torch.Tensor:
-        """Append `feeds` to the pool; return float32 logits `[len(sample_at), V]` at those feed indices."""
+        """Append `feeds` to their rows; return float32 logits `[len(sample_at), V]` at those feeds."""
+        self._drop_dead()
+        groups: dict[int, list[int]] = {}
+        for i, f in enumerate(feeds):
+            groups.setdefault(f.owner, []).append(i)
+        known = set(self.rows.owners)
+        fresh_owners = [o for o in groups if o not in known]
+        hidden: dict[int, torch.Tensor] = {}  # feed index -> final hidden state [H]
+        want = set(sample_at)
+        if self.rows.owners:
+            self._run(self.rows, groups, feeds, want, hidden)
+        if fresh_owners:  # prefill in a forward of its own: a prompt would pad every running row
+            fresh = self._empty_rows(len(fresh_owners))
+            fresh.owners = fresh_owners
+            self._run(fresh, groups, feeds, want, hidden)
+            self._append(fresh)
+        h = torch.stack([hidden[i] for i in sample_at])  # [P, H]
+        return self.head(h).float()  # [P, V]
+
+    def _run(
+        self, rows: _Rows, groups: dict[int, list[int]], feeds: list[Feed], want: set[int], hidden: dict
+    ) -> None:
         dev = self.device
-        ids = torch.tensor([[f.token for f in feeds]], device=dev)  # [1, Q]
-        pos = torch.tensor([[f.position for f in feeds]], device=dev)  # [1, Q]
-        owner = torch.tensor([f.owner for f in feeds], device=dev)
-        block = torch.tensor([f.block for f in feeds], device=dev)
-        branch = torch.tensor([f.branch for f in feeds], device=dev)
-        self.owner = torch.cat([self.owner, owner])
-        self.block = torch.cat([self.block, block])
-        self.branch = torch.cat([self.branch, branch])
-        out = self.model(
+        per_row = [groups.get(o, []) for o in rows.owners]
+        b, q = len(per_row), max(1, max(map(len, per_row)))
+        ids = torch.full((b, q), self.pad_id, dtype=torch.long)
+        pos = torch.zeros((b, q), dtype=torch.long)
+        qblock = torch.full((b, q), TRUNK, dtype=torch.long)
+        qbranch = torch.full((b, q), TRUNK, dtype=torch.long)
+        qvalid = torch.zeros((b, q), dtype=torch.bool)
+        for r, idxs in enumerate(per_row):
+            for j, i in enumerate(idxs):
+                f = feeds[i]
+                ids[r, j], pos[r, j], qblock[r, j], qbranch[r, j] = f.token, f.position, f.block, f.branch
+                qvalid[r, j] = True
+        ids, pos, qblock, qbranch, qvalid = (t.to(dev) for t in (ids, pos, qblock, qbranch, qvalid))
+        s = rows.valid.shape[1]
+        kblock = torch.cat([rows.block, qblock], 1)  # [B, S+Q]
+        kbranch = torch.cat([rows.branch, qbranch], 1)
+        kvalid = torch.cat([rows.valid, qvalid], 1)
+        order = torch.cat([torch.full((s,), -1, device=dev), torch.arange(q, device=dev)])  # new-slot index
+        qi = torch.arange(q, device=dev)
+        visible = kvalid[:, None, :] & (order[None, None, :] <= qi[None, :, None])  # [B, Q, S+Q]
+        sibling = (qblock[:, :, None] == kblock[:, None, :]) & (qblock[:, :, None] != TRUNK)
+        visible &= ~(sibling & (qbranch[:, :, None] != kbranch[:, None, :]))
+        # A padding query sees only itself, so its softmax stays finite.
+        itself = torch.zeros(q, s + q, dtype=torch.bool, device=dev)
+        itself[qi, s + qi] = True
+        visible = torch.where(qvalid[:, :, None], visible, itself[None])
+        # finfo.min, not -inf and not a bool mask: eager attention adds it, and rows stay finite.
+        mask = torch.zeros(visible.shape, dtype=self.dtype, device=dev)
+        mask.masked_fill_(~visible, torch.finfo(self.dtype).min)
+        out = self.decoder(
             input_ids=ids,
             position_ids=pos,
-            attention_mask=self._mask(owner, block, branch),
+            attention_mask=mask[:, None],
             use_cache=True,
-            logits_to_keep=torch.tensor(sample_at, device=dev),
-            **{self._cache_kw: self.cache},
+            **{self._cache_kw: rows.cache},
         )
-        return out.logits[0].float()  # [P, V]
+        h = out.last_hidden_state  # [B, Q, H]
+        for r, idxs in enumerate(per_row):
+            for j, i in enumerate(idxs):
+                if i in want:
+                    hidden[i] = h[r, j]
+        rows.block, rows.branch, rows.valid = kblock, kbranch, kvalid
 
-    def release(self, owner: int) -> None:
-        """Mark a finished request's slots dead; compact once dead slots dominate."""
-        self.dead.add(owner)
-        dead = torch.isin(self.owner, torch.tensor(sorted(self.dead), device=self.device))
-        n_dead = int(dead.sum())
-        if n_dead and n_dead * 2 >= len(self.owner):
-            self._compact(~dead)
+    def _append(self, fresh: _Rows) -> None:
+        """Add freshly prefilled rows to the batch (both padded to one length)."""
+        if not self.rows.owners:
+            self.rows = fresh
+            return
+        length = max(self.rows.valid.shape[1], fresh.valid.shape[1])
+        self.rows.pad_to(length)
+        fresh.pad_to(length)
+        for mine, theirs in zip(_kv_layers(self.rows.cache), _kv_layers(fresh.cache), strict=True):
+            mine.keys = torch.cat([mine.keys, theirs.keys])
+            mine.values = torch.cat([mine.values, theirs.values])
+        for name in ("block", "branch", "valid"):
+            setattr(self.rows, name, torch.cat([getattr(self.rows, name), getattr(fresh, name)]))
+        self.rows.owners += fresh.owners
 
-    def _compact(self, keep: torch.Tensor) -> None:
-        idx = keep.nonzero().flatten()
-        for layer in _kv_layers(self.cache):
-            layer.keys = layer.keys.index_select(-2, idx)
-            layer.values = layer.values.index_select(-2, idx)
-        self.owner, self.block, self.branch = self.owner[idx], self.block[idx], self.branch[idx]
-        self.dead = set()
+    def _drop_dead(self) -> None:
+        """Drop finished rows; squeeze padding out once it is most of the cache."""
+        rows = self.rows
+        if self.dead & set(rows.owners):
+            keep = [i for i, o in enumerate(rows.owners) if o not in self.dead]
+            if not keep:
+                self.rows = self._empty_rows(0)
+                rows = self.rows
+            else:
+                rows.select(torch.tensor(keep, device=self.device))
+        self.dead.clear()
+        count = rows.valid.sum(1)  # [B]
+        if rows.valid.numel() < 256 or int(count.sum()) * 2 > rows.valid.numel():
+            return
+        length = int(count.max())
+        # Real slots first, in their order (stable sort), then cut to the longest row.
+        slots = torch.sort((~rows.valid).to(torch.int8), dim=1, stable=True).indices[:, :length]  # [B, S']
+        rows.select(torch.arange(len(rows.owners), device=self.device), slots)
+        rows.valid = torch.arange(length, device=self.device)[None, :] < count[:, None]
