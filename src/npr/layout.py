@@ -116,7 +116,7 @@ def _walk(
     tags = set(t.as_tuple())
     positions = list(range(prompt_len))
     pos = prompt_len  # next trunk position
-    region = "trunk"  # trunk | guideline | steps | step | takeaway
+    region = "trunk"  # trunk | guideline | plan | steps | step | takeaway
     n_blocks, n_plans, g, step_start = 0, 0, 0, 0
     branch_lens: list[int] = []  # tokens per branch of the current block
     for i in range(prompt_len, len(ids)):
@@ -132,6 +132,8 @@ def _walk(
             if tok == t.step_close:
                 region = "steps"
             continue
+        if region == "plan" and tok != t.plan_close and tok in tags:
+            raise LayoutError(i, f"tag {t.tag_of(tok)} inside a plan")
         if region == "steps":
             if tok == t.step_open:
                 region, step_start = "step", i
@@ -152,7 +154,11 @@ def _walk(
         elif tok == t.plan_open:
             if region != "guideline":
                 raise LayoutError(i, "<plan> outside a guideline")
-            n_plans += 1
+            region, n_plans = "plan", n_plans + 1
+        elif tok == t.plan_close:
+            if region != "plan":
+                raise LayoutError(i, "</plan> without <plan>")
+            region = "guideline"
         elif tok == t.guideline_close:
             if region != "guideline":
                 raise LayoutError(i, "</guideline> without <guideline>")

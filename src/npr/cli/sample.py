@@ -30,16 +30,21 @@ def sample(
     problems_per_batch: Annotated[
         int, typer.Option(help="Problems decoded together (k requests each).")
     ] = DEFAULT_PROBLEMS_PER_BATCH,
+    prompt_style: Annotated[
+        str, typer.Option(help="Instruction text: 'full' (pretrained models) or 'short' (the demo's).")
+    ] = "full",
     progress: Annotated[bool, typer.Option(help="Show a progress bar.")] = True,
 ) -> None:
     """Write the first correct, well-formed sample of each problem to --out; re-run to resume."""
     from npr.cli.common import load_any
-    from npr.data import load_dataset
+    from npr.data import PROMPT_STYLES, load_dataset
     from npr.engine import ParallelEngine, SamplingParams
     from npr.train.rejection import rejection_sample
 
     if limit is not None and limit < 1:
         raise typer.BadParameter(f"--limit must be >= 1, got {limit}")
+    if prompt_style not in PROMPT_STYLES:
+        raise typer.BadParameter(f"--prompt-style must be one of {PROMPT_STYLES}, got {prompt_style!r}")
     try:  # user errors surface before the model loads
         params = SamplingParams(temperature=temperature, top_p=top_p, max_new_tokens=max_new_tokens)
         dataset = load_dataset(data)[:limit]
@@ -56,6 +61,7 @@ def sample(
             params=params,
             seed=seed,
             problems_per_batch=problems_per_batch,
+            prompt_style=prompt_style,  # type: ignore[arg-type]  # checked above
             progress=progress,
         )
     except (ValueError, FileExistsError) as exc:  # bad k, settings changed on resume, foreign --out

@@ -27,12 +27,8 @@ def sft_command(
     from npr.train.config import ConfigError, SFTConfig, load_config
     from npr.train.sft import train
 
-    try:
-        cfg = load_config(config, SFTConfig)
-    except ConfigError as exc:
-        raise typer.BadParameter(str(exc), param_hint="CONFIG") from None
-    try:
-        final = train(cfg)
+    try:  # a bad config fails here, before the model loads; bad data right after
+        final = train(load_config(config, SFTConfig))
     except (ConfigError, DataError, FileNotFoundError) as exc:
         raise typer.BadParameter(str(exc), param_hint="CONFIG") from None
     typer.echo(final)

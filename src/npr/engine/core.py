@@ -155,6 +155,16 @@ class ParallelEngine:
             self.running.remove(request)
         if request.finish is None:
             self._finish(request, FinishReason.CANCELLED)
+        self.pool.collect()
+
+    def abort_all(self) -> None:
+        """Cancel everything queued or running and start from an empty cache (e.g. after a failure)."""
+        for r in [*self.waiting, *self.running]:
+            if r.finish is None:
+                r.finish = FinishReason.CANCELLED
+        self.waiting.clear()
+        self.running = []
+        self.pool.reset()
 
     def encode_prompt(self, prompt: Prompt) -> list[int]:
         """Chat messages, a string or token ids → prompt ids; tag ids never occur in a prompt."""
@@ -203,6 +213,7 @@ class ParallelEngine:
                     self._sample(r, unit, logits[k], logprobs[k])
         done = [r for r in self.running if r.finish is not None]
         self.running = [r for r in self.running if r.finish is None]
+        self.pool.collect()
         return done
 
     @property

@@ -117,13 +117,13 @@ class KVPool:
         return sum(t.numel() * t.element_size() for layer in layers for t in (layer.keys, layer.values))
 
     def release(self, owner: int) -> None:
-        """Free a finished request's row (dropped before the next forward)."""
+        """Mark a finished request's row for freeing; `collect` frees all marked rows in one copy."""
         self.dead.add(owner)
 
     @torch.inference_mode()
     def forward(self, feeds: list[Feed], sample_at: list[int]) -> torch.Tensor:
         """Append `feeds` to their rows; return float32 logits `[len(sample_at), V]` at those feeds."""
-        self._drop_dead()
+        self.collect()
         groups: dict[int, list[int]] = {}
         for i, f in enumerate(feeds):
             groups.setdefault(f.owner, []).append(i)
@@ -203,8 +203,8 @@ class KVPool:
             setattr(self.rows, name, torch.cat([getattr(self.rows, name), getattr(fresh, name)]))
         self.rows.owners += fresh.owners
 
-    def _drop_dead(self) -> None:
-        """Drop finished rows; squeeze padding out once it is most of the cache."""
+    def collect(self) -> None:
+        """Drop released rows; squeeze padding out once it is most of the cache."""
         rows = self.rows
         if self.dead & set(rows.owners):
             keep = [i for i, o in enumerate(rows.owners) if o not in self.dead]

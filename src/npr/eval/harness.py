@@ -18,7 +18,7 @@ from typing import Any, Literal
 
 from tqdm.auto import tqdm
 
-from npr.data import Example, build_prompt
+from npr.data import Example, PromptStyle, build_prompt
 from npr.engine import ParallelEngine, Rollout, SamplingParams
 from npr.eval.metrics import RunMetrics, Speedup, format_valid, run_metrics, speedup
 from npr.eval.report import write_outputs
@@ -142,6 +142,18 @@ def _records(
     return records
 
 
+@dataclass(frozen=True)
+class PromptSpec:
+    """Which instruction the prompts carry: the format one (None: iff decoding in parallel) and its style."""
+
+    format: bool | None = None
+    style: PromptStyle = "full"
+
+    def build(self, engine: ParallelEngine, question: str, mode: Mode) -> list[int]:
+        parallel = mode == "parallel" if self.format is None else self.format
+        return build_prompt(engine.tokenizer, question, parallel=parallel, style=self.style)
+
+
 def _run(
     engine: ParallelEngine,
     examples: Sequence[Example],
@@ -149,9 +161,10 @@ def _run(
     mode: Mode,
     verifier: AnswerCheck | None,
     progress: bool,
+    prompt: PromptSpec,
 ) -> RunResult:
     """Decode, score (batched) and measure one mode."""
-    prompts = [build_prompt(engine.tokenizer, ex.question, parallel=mode == "parallel") for ex in examples]
+    prompts = [prompt.build(engine, ex.question, mode) for ex in examples]
     rollouts, wall = _decode(engine, prompts, params, mode, progress)
     golds = [ex for ex in examples for _ in range(params.n)]
     rewards = accuracy_reward_batch([r.text for r in rollouts], golds, check=verifier)
@@ -160,13 +173,17 @@ def _run(
     return RunResult(run_metrics(rollouts, correct, wall), _records(examples, rollouts, correct, k), rollouts)
 
 
-def _warm_up(engine: ParallelEngine, example: Example, params: SamplingParams, modes: Sequence[Mode]) -> None:
+def _warm_up(
+    engine: ParallelEngine,
+    example: Example,
+    params: SamplingParams,
+    modes: Sequence[Mode],
+    prompt: PromptSpec,
+) -> None:
     """A few untimed tokens per mode, so one-time costs do not land on whichever run goes first."""
     short = dataclasses.replace(params, n=1, max_new_tokens=WARMUP_TOKENS, max_path_tokens=None)
     for mode in modes:
-        engine.generate(
-            [build_prompt(engine.tokenizer, example.question, parallel=mode == "parallel")], short, mode
-        )
+        engine.generate([prompt.build(engine, example.question, mode)], short, mode)
 
 
 def check_run(mode: str, baseline: str | None, k: int) -> None:
@@ -194,13 +211,15 @@ def evaluate(
     *,
     warmup: bool = True,
     info: dict[str, Any] | None = None,
+    prompt: PromptSpec | None = None,
 ) -> EvalResult:
     """Decode every problem k times in ``mode``, score and measure it (DESIGN §7); optionally write files.
 
     ``params`` defaults to :func:`paper_params`; its ``n`` is replaced by ``k``. ``baseline="sequential"``
     reruns the problems sequentially with the same settings and reports the speedups. ``verifier`` is a
     task's own ``check(response_text, example)`` (default: math-verify on the boxed answer). ``info``
-    (model name, data spec …) is stored with the settings. With ``out_dir`` the files of
+    (model name, data spec …) is stored with the settings. ``prompt`` picks the instruction (default: the
+    format one iff decoding in parallel, full style). With ``out_dir`` the files of
     :func:`npr.eval.report.write_outputs` are written there.
     """
     check_run(mode, baseline, k)
@@ -208,9 +227,10 @@ def evaluate(
         raise ValueError("evaluate needs at least one problem, got an empty dataset")
     params = dataclasses.replace(params or paper_params(k), n=k)
     modes: list[Mode] = [mode] if baseline is None else [mode, baseline]
+    prompt = prompt or PromptSpec()
     if warmup:
-        _warm_up(engine, dataset[0], params, modes)
-    runs = [_run(engine, dataset, params, m, verifier, progress) for m in modes]
+        _warm_up(engine, dataset[0], params, modes, prompt)
+    runs = [_run(engine, dataset, params, m, verifier, progress, prompt) for m in modes]
     settings = {
         "mode": mode,
         "baseline": baseline,

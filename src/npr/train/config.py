@@ -16,6 +16,7 @@ from typing import Any, Literal, TypeVar
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
+from npr.data import PromptStyle
 from npr.format import MAX_PLANS
 from npr.train.advantages import AdvantageKind
 
@@ -53,6 +54,11 @@ class _TrainConfig(BaseModel):
         default=2, ge=1, description="Checkpoints kept in `out_dir`; older ones are deleted. Ours."
     )
     log_every: int = Field(default=1, ge=1, description="Log metrics every this many optimizer steps. Ours.")
+    prompt_style: PromptStyle = Field(
+        default="full",
+        description="Instruction text in prompts: `full` explains the format (pretrained models); `short` is "
+        "a few-token cue for models trained from scratch, such as the demo's. Ours.",
+    )
 
     @model_validator(mode="after")
     def _check_betas(self) -> _TrainConfig:

@@ -1,0 +1,360 @@
+"""Plumbing every training recipe shares: processes, optimizer, schedule, logging, checkpoints (DESIGN §5).
+
+The recipes (`npr.train.sft`, `npr.train.rl`) stay readable top to bottom by calling these small pieces;
+nothing here owns the loop. One process or many under `torchrun` (DDP; `gloo` on CPU, `nccl` on GPUs):
+
+    rank, world = init_distributed()
+    device = device_for(rank)
+    model, tokenizer = load_train_model(config.model_path, config.dtype, device)
+    optimizer = build_optimizer(model, config)
+    scheduler = build_scheduler(optimizer, "cosine", total_steps, config.lr, config.lr_end)
+    state = resume(config.out_dir, model, optimizer, scheduler)      # None on a fresh run
+    ddp = wrap_ddp(model, device)
+    with MetricLogger(config.out_dir, rank, start_step) as log:
+        for step in ...:                                              # per micro-batch j of the step:
+            with grad_sync(ddp, enabled=last_micro_batch):
+                loss = sft_loss(layout_logits(ddp, batch), ...); loss.backward()
+            grad_norm = clip_gradients(ddp, config.grad_clip); optimizer.step(); scheduler.step()
+            log.log(step + 1, {"train/loss": ...})
+    save(config.out_dir, ddp, tokenizer, optimizer, scheduler, step, position, config, rank=rank)
+    close_distributed()
+
+Logging: rank 0 appends one JSON object per logged step to `out_dir/metrics.jsonl`, and writes TensorBoard
+events to `out_dir/tb/` when the `tensorboard` package is importable (it is not a dependency).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import os
+import random
+import tempfile
+from collections.abc import Iterator, Mapping
+from pathlib import Path
+from types import TracebackType
+from typing import TYPE_CHECKING, Any, Literal
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from torch.nn.parallel import DistributedDataParallel
+from tqdm import tqdm
+
+from npr.train.checkpoint import TrainerState, latest_checkpoint, load_checkpoint, save_checkpoint
+from npr.train.sequences import TrainBatch
+
+if TYPE_CHECKING:
+    from pydantic import BaseModel
+    from torch.optim.lr_scheduler import LRScheduler
+    from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+METRICS_FILE = "metrics.jsonl"
+TENSORBOARD_DIR = "tb"
+Schedule = Literal["cosine", "constant"]
+
+# ------------------------------------------------------------------------------------------------ processes
+
+
+def init_distributed() -> tuple[int, int]:
+    """Join the process group `torchrun` describes (env `WORLD_SIZE` > 1); returns `(rank, world)`.
+
+    A plain single process gets `(0, 1)` and no process group. A group that is already initialised (a
+    test that spawned its own workers) is used as it is.
+    """
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world <= 1:
+        return 0, 1
+    dist.init_process_group(backend="nccl" if torch.cuda.is_available() else "gloo")
+    return dist.get_rank(), dist.get_world_size()
+
+
+def close_distributed() -> None:
+    """Leave the process group, if there is one (call once at the end of a recipe)."""
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def is_distributed() -> bool:
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
+def device_for(rank: int) -> torch.device:
+    """`cuda:LOCAL_RANK` when GPUs are present (one per process), else the CPU."""
+    if not torch.cuda.is_available():
+        return torch.device("cpu")
+    index = int(os.environ.get("LOCAL_RANK", rank)) % torch.cuda.device_count()
+    torch.cuda.set_device(index)
+    return torch.device("cuda", index)
+
+
+def barrier() -> None:
+    if is_distributed():
+        dist.barrier()
+
+
+def all_reduce_sum(value: float) -> float:
+    """Σ of a number over all processes (itself on one): e.g. the global batch's token count."""
+    if not is_distributed():
+        return float(value)
+    # float64 on the CPU: gloo reduces CPU tensors, and token counts stay exact.
+    tensor = torch.tensor([float(value)], dtype=torch.float64)
+    if dist.get_backend() == "nccl":
+        tensor = tensor.cuda()
+    dist.all_reduce(tensor)
+    return float(tensor.item())
+
+
+def seed_everything(seed: int) -> None:
+    """Seed python, numpy and torch (all devices) the same on every process."""
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+# ------------------------------------------------------------------------------------------------ model
+
+
+def load_train_model(
+    model_path: str, dtype: str, device: torch.device
+) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+    """A config's `model_path` (folder, run directory → its latest checkpoint, or `tiny`) in train mode."""
+    from npr.cli.common import TINY, load_any
+    from npr.train.checkpoint import resolve_model_dir
+
+    model, tokenizer = load_any(model_path if model_path == TINY else str(resolve_model_dir(model_path)))
+    model = model.to(device=device, dtype=getattr(torch, dtype))
+    return model.train(), tokenizer
+
+
+def wrap_ddp(model: torch.nn.Module, device: torch.device) -> torch.nn.Module:
+    """DistributedDataParallel around `model` when several processes run, else `model` itself.
+
+    DDP averages gradients over processes; the losses divide by the global token count over the world
+    size (`npr.train.losses`), so the average is the token mean of the global batch.
+    """
+    if not is_distributed():
+        return model
+    return DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+
+
+def unwrap(model: torch.nn.Module) -> Any:
+    """The model inside a DDP wrapper (to save it, or to decode with it)."""
+    return model.module if isinstance(model, DistributedDataParallel) else model
+
+
+def layout_logits(model: torch.nn.Module, batch: TrainBatch) -> torch.Tensor:
+    """`[B, L, V]` logits of one forward over `batch` with its layout's mask and positions.
+
+    Like `sequences.forward_logprobs` but through a DDP wrapper too (the forward must go through it for
+    its gradient hooks), and without the log-softmax, for `losses.sft_loss`.
+    """
+    lay = batch.layout
+    return model(
+        input_ids=lay.input_ids,
+        position_ids=lay.position_ids,
+        attention_mask=lay.attention_mask.to(unwrap(model).dtype),
+    ).logits
+
+
+@contextlib.contextmanager
+def grad_sync(model: torch.nn.Module, enabled: bool) -> Iterator[None]:
+    """Around one micro-batch's backward: DDP all-reduces gradients only when `enabled` (the last one).
+
+    Skipping the all-reduce on the other micro-batches of a gradient-accumulation step saves traffic;
+    the result is the same, since the final all-reduce averages the accumulated sums.
+    """
+    if enabled or not isinstance(model, DistributedDataParallel):
+        yield
+        return
+    with model.no_sync():
+        yield
+
+
+# ------------------------------------------------------------------------------------------------ optimizer
+
+
+def build_optimizer(model: torch.nn.Module, config: Any) -> torch.optim.AdamW:
+    """AdamW with the config's `lr`, `betas` and `weight_decay`.
+
+    Decay applies to matrices only: norm gains and biases (1-D) are not pulled towards zero, as is usual
+    for transformers (GPT-2, Llama recipes).
+    """
+    params = [p for p in model.parameters() if p.requires_grad]
+    groups = [
+        {"params": [p for p in params if p.dim() >= 2], "weight_decay": config.weight_decay},
+        {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0},
+    ]
+    return torch.optim.AdamW(groups, lr=config.lr, betas=tuple(config.betas))
+
+
+def lr_factor(step: int, total_steps: int, schedule: Schedule, lr: float, lr_end: float) -> float:
+    """Multiplier of the peak `lr` after `step` optimizer steps.
+
+    cosine: from 1 at step 0 to `lr_end / lr` at `total_steps` (and after), half a cosine period.
+
+    >>> lr_factor(0, 10, "cosine", 1e-6, 5e-7), lr_factor(5, 10, "cosine", 1e-6, 5e-7)
+    (1.0, 0.75)
+    >>> lr_factor(10, 10, "cosine", 1e-6, 5e-7), lr_factor(3, 10, "constant", 1e-6, 5e-7)
+    (0.5, 1.0)
+    """
+    if schedule == "constant":
+        return 1.0
+    if schedule != "cosine":
+        raise ValueError(f"schedule must be 'cosine' or 'constant', got {schedule!r}")
+    progress = min(step, total_steps) / max(total_steps, 1)
+    floor = lr_end / lr
+    return floor + (1.0 - floor) * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+def build_scheduler(
+    optimizer: torch.optim.Optimizer, schedule: Schedule, total_steps: int, lr: float, lr_end: float
+) -> torch.optim.lr_scheduler.LambdaLR:
+    """A scheduler stepped once per optimizer step; see `lr_factor`."""
+    return torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda step: lr_factor(step, total_steps, schedule, lr, lr_end)
+    )
+
+
+def clip_gradients(model: torch.nn.Module, max_norm: float | None) -> float:
+    """Clip the global gradient norm to `max_norm` (None: no clipping); returns the norm before clipping.
+
+    Call after the backward passes: under DDP the gradients are already averaged, so every process
+    computes the same norm and clips alike.
+    """
+    params = [p for p in model.parameters() if p.grad is not None]
+    limit = math.inf if max_norm is None else max_norm
+    return float(torch.nn.utils.clip_grad_norm_(params, limit))
+
+
+# ------------------------------------------------------------------------------------------------ checkpoints
+
+
+def resume(
+    run_dir: str | Path,
+    model: torch.nn.Module,
+    optimizer: torch.optim.Optimizer,
+    scheduler: LRScheduler | None,
+) -> TrainerState | None:
+    """Restore the latest checkpoint of `run_dir` in place (every process reads it); None if there is none.
+
+    Call before `wrap_ddp`. Every process restores rank 0's RNG states, so draws stay in step.
+    """
+    path = latest_checkpoint(run_dir)
+    if path is None:
+        return None
+    return load_checkpoint(path, model, optimizer, scheduler)
+
+
+def save(
+    run_dir: str | Path,
+    model: torch.nn.Module,
+    tokenizer: PreTrainedTokenizerBase | None,
+    optimizer: torch.optim.Optimizer,
+    scheduler: LRScheduler | None,
+    step: int,
+    data_position: Any,
+    config: BaseModel | Mapping[str, Any],
+    *,
+    rank: int,
+    keep_last: int = 2,
+    extra: Mapping[str, Any] | None = None,
+) -> None:
+    """Rank 0 writes checkpoint `step` (see `npr.train.checkpoint`); the others wait until it is complete."""
+    if rank == 0:
+        save_checkpoint(
+            run_dir,
+            unwrap(model),
+            tokenizer,
+            optimizer,
+            scheduler,
+            step,
+            data_position,
+            config,
+            extra=extra,
+            keep_last=keep_last,
+        )
+    barrier()
+
+
+# ------------------------------------------------------------------------------------------------ logging
+
+
+def _tensorboard_writer(log_dir: Path) -> Any:
+    """A SummaryWriter when `tensorboard` is installed, else None (metrics still go to JSONL)."""
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError:  # torch's module imports the optional `tensorboard` package
+        return None
+    return SummaryWriter(str(log_dir))
+
+
+class MetricLogger:
+    """Rank 0's metrics: one JSON line per `log` call in `out_dir/metrics.jsonl`, plus TensorBoard.
+
+    Resuming at `start_step` drops the lines a killed run wrote after its last checkpoint, so the file
+    has each step once. On other ranks every method does nothing.
+    """
+
+    def __init__(self, out_dir: str | Path, rank: int = 0, start_step: int = 0) -> None:
+        self.enabled = rank == 0
+        self.path = Path(out_dir) / METRICS_FILE
+        self.writer: Any = None
+        if not self.enabled:
+            return
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._truncate_after(start_step)
+        self.writer = _tensorboard_writer(self.path.parent / TENSORBOARD_DIR)
+
+    @property
+    def tensorboard(self) -> bool:
+        return self.writer is not None
+
+    def _truncate_after(self, step: int) -> None:
+        if not self.path.is_file():
+            return
+        kept = [
+            line
+            for line in self.path.read_text(encoding="utf-8").splitlines()
+            if line.strip() and json.loads(line)["step"] <= step
+        ]
+        fd, tmp = tempfile.mkstemp(dir=self.path.parent, prefix=f".{self.path.name}.")
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write("".join(f"{line}\n" for line in kept))
+        os.replace(tmp, self.path)
+
+    def log(self, step: int, metrics: Mapping[str, float]) -> None:
+        """Record `metrics` (names like `train/loss`) at optimizer step `step`."""
+        if not self.enabled:
+            return
+        with self.path.open("a", encoding="utf-8") as f:
+            f.write(json.dumps({"step": step, **metrics}) + "\n")
+        if self.writer is not None:
+            for name, value in metrics.items():
+                self.writer.add_scalar(name, value, step)
+
+    def close(self) -> None:
+        if self.writer is not None:
+            self.writer.close()
+
+    def __enter__(self) -> MetricLogger:
+        return self
+
+    def __exit__(
+        self, kind: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        self.close()
+
+
+def read_metrics(out_dir: str | Path) -> list[dict[str, Any]]:
+    """The records of `out_dir/metrics.jsonl`, in order."""
+    text = (Path(out_dir) / METRICS_FILE).read_text(encoding="utf-8")
+    return [json.loads(line) for line in text.splitlines() if line.strip()]
+
+
+def progress_bar(total: int, initial: int, rank: int, desc: str) -> tqdm:
+    """A tqdm bar over optimizer steps, shown on rank 0 only."""
+    return tqdm(total=total, initial=initial, desc=desc, unit="step", disable=rank != 0, dynamic_ncols=True)
