@@ -215,18 +215,24 @@ def tiny_model(
 # ---------------------------------------------------------------------------------------------- save / load
 
 # Named models map to a function that returns their Hugging Face folder, e.g. one converted once from a GGUF
-# file into a cache folder. Empty for now: every source is a path.
+# file into a cache folder. `npr.hub` fills it in when it is imported.
 NAMED_MODELS: dict[str, Callable[[], Path]] = {}
 
 
 def resolve_model_source(name_or_path: str | os.PathLike[str]) -> Path:
-    """The Hugging Face folder for a named model (see `NAMED_MODELS`) or a path.
+    """The Hugging Face folder for a named model (see `NAMED_MODELS`), a `.gguf` file (converted once into
+    a cache folder by `npr.hub`) or a path.
 
     >>> resolve_model_source("runs/sft/final")
     PosixPath('runs/sft/final')
     """
+    from npr import hub  # imported here: hub registers the named models and imports this module
+
     resolver = NAMED_MODELS.get(str(name_or_path))
-    return resolver() if resolver is not None else Path(name_or_path).expanduser()
+    if resolver is not None:
+        return resolver()
+    path = Path(name_or_path).expanduser()
+    return hub.gguf_folder(path) if path.suffix.lower() == ".gguf" else path
 
 
 def _is_model_folder(path: Path) -> bool:

@@ -12,7 +12,7 @@ def _root() -> None:
     """Train, evaluate and serve models that reason in parallel branches."""
 
 # Each module registers its command on `app` when imported.
-from npr.cli import eval, generate, sample, serve, train, train_rl, view  # noqa: E402,F401
+from npr.cli import eval, generate, pipeline, sample, serve, train, train_rl, view  # noqa: E402,F401
 
 
 def main() -> None:

@@ -1,0 +1,337 @@
+"""`npr pipeline CONFIG`: the whole method from one YAML file, every stage cached so a re-run resumes.
+
+0. seed      a small model trained from scratch on the task family: sequential worked solutions plus
+             noisy format attempts (never a clean parallel trace: the method stays teacher-free)
+1. npr_zero  DAPO with sequential rollouts, format + accuracy reward (intermediate results checked)
+2. rejection K sequential samples per problem from NPR-Zero; keep the first correct, well-formed one
+   npr_beta  parallel SFT of the seed on the accepted traces;  sr_beta: the same data, causal SFT
+3. npr       PAPO with native parallel rollouts from NPR-Beta;  sr: sequential RL from the seed
+Then every model is evaluated on a held-out split and compared (`report.json`, `report.md`, plots, HTML).
+
+A stage is done when its folder holds `done.json`; trainers resume from their own checkpoints, rejection
+sampling from its JSONL, so a killed pipeline re-run with the same command picks up where it stopped.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field
+
+from npr.data import Example, PromptStyle, build_prompt, load_task
+from npr.tasks import TASKS
+
+STAGES = ("seed", "npr_zero", "rejection", "npr_beta", "sr_beta", "npr", "sr")
+MODELS = ("seed", "npr_zero", "npr_beta", "sr_beta", "sr", "npr")
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class SeedSpec(_Strict):
+    checkpoint: str | None = Field(
+        default=None,
+        description="A trained seed to start from (the demo ships one); null or --from-scratch: train it.",
+    )
+    init: dict[str, Any] = Field(
+        default_factory=lambda: {"hidden_size": 128, "num_hidden_layers": 4, "num_attention_heads": 4},
+        description="Size of the random Qwen3 the seed is trained from (`npr.model.tiny_model` arguments).",
+    )
+    examples: int = Field(default=20000, ge=1, description="Training examples generated for the seed.")
+    noisy_fraction: float = Field(
+        default=0.2, ge=0, le=1, description="Share of examples that are noisy format attempts."
+    )
+    sft: dict[str, Any] = Field(default_factory=dict, description="SFTConfig fields for the seed's training.")
+
+
+class RejectionSpec(_Strict):
+    k: int = Field(default=8, ge=1, description="Samples per problem (paper: 8).")
+    problems: int = Field(default=1000, ge=1, description="Training problems to sample.")
+    temperature: float = Field(default=1.0, ge=0, description="Sampling temperature (paper: 1.0).")
+    max_new_tokens: int = Field(default=512, ge=1)
+
+
+class EvalSpec(_Strict):
+    problems: int = Field(default=200, ge=1, description="Held-out problems (their own seed).")
+    k: int = Field(default=4, ge=1, description="Samples per problem (avg@k).")
+    temperature: float = Field(default=1.0, ge=0, description="Paper: 1.0.")
+    top_p: float = Field(default=0.7, gt=0, le=1, description="Paper: 0.7.")
+    max_new_tokens: int = Field(default=512, ge=1)
+
+
+class PipelineConfig(_Strict):
+    kind: Literal["pipeline"] = "pipeline"
+    task: str = Field(default="group_max", description="One of npr.tasks.TASKS (it brings its verifier).")
+    seed: int = Field(default=0, description="Seed of data, initialisation and sampling.")
+    run_dir: str = Field(description="Checkpoints and stage outputs.")
+    out_dir: str = Field(description="The report: report.json, report.md, curves, samples page.")
+    prompt_style: PromptStyle = Field(default="short", description="Instruction style of every prompt.")
+    train_problems: int = Field(default=4000, ge=1, description="Problems RL stages draw from.")
+    seed_model: SeedSpec = Field(default_factory=SeedSpec)
+    npr_zero: dict[str, Any] = Field(default_factory=dict, description="RLConfig fields of stage 1.")
+    rejection: RejectionSpec = Field(default_factory=RejectionSpec)
+    npr_beta: dict[str, Any] = Field(default_factory=dict, description="SFTConfig fields of stage 2.")
+    sr_beta: dict[str, Any] = Field(
+        default_factory=dict, description="SFTConfig fields of the SR-Beta baseline."
+    )
+    npr: dict[str, Any] = Field(default_factory=dict, description="RLConfig fields of stage 3.")
+    sr: dict[str, Any] = Field(default_factory=dict, description="RLConfig fields of the SR baseline.")
+    eval: EvalSpec = Field(default_factory=EvalSpec)
+
+
+def load_pipeline_config(path: str | Path, **overrides: Any) -> PipelineConfig:
+    from npr.train.config import ConfigError
+
+    try:
+        raw = yaml.safe_load(Path(path).read_text()) or {}
+        config = PipelineConfig.model_validate({**raw, **overrides})
+    except (OSError, yaml.YAMLError, ValueError) as e:
+        raise ConfigError(f"{path}: {e}") from e
+    seed = config.seed_model
+    if seed.checkpoint and not Path(seed.checkpoint).is_absolute():  # relative to the config file
+        checkpoint = str(Path(path).parent / seed.checkpoint)
+        config = config.model_copy(update={"seed_model": seed.model_copy(update={"checkpoint": checkpoint})})
+    return config
+
+
+def _atomic_write(path: Path, text: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    with os.fdopen(fd, "w") as f:
+        f.write(text)
+    os.replace(tmp, path)
+
+
+class Pipeline:
+    """Runs the stages in order; each returns what the next needs and is skipped when already done."""
+
+    def __init__(
+        self, config: PipelineConfig, *, from_scratch: bool = False, log: Callable[[str], None] = print
+    ):
+        self.config = config
+        self.run_dir = Path(config.run_dir)
+        self.out_dir = Path(config.out_dir)
+        self.from_scratch = from_scratch
+        self.log = log
+        if config.task not in TASKS:
+            raise ValueError(f"task {config.task!r} is not one of {sorted(TASKS)}")
+        self.task = TASKS[config.task]
+
+    # ---------------------------------------------------------------------------------- bookkeeping
+
+    def _done(self, stage: str) -> dict[str, Any] | None:
+        path = self.run_dir / stage / "done.json"
+        return json.loads(path.read_text()) if path.exists() else None
+
+    def _stage(self, stage: str, run: Callable[[Path], dict[str, Any]]) -> dict[str, Any]:
+        done = self._done(stage)
+        if done is not None:
+            self.log(f"[{stage}] cached: {done}")
+            return done
+        self.log(f"[{stage}] running")
+        folder = self.run_dir / stage
+        folder.mkdir(parents=True, exist_ok=True)
+        result = run(folder)
+        _atomic_write(folder / "done.json", json.dumps(result, indent=2))
+        return result
+
+    def train_spec(self) -> str:
+        c = self.config
+        return f"task:{c.task}?n={c.train_problems}&seed={c.seed}"
+
+    def eval_examples(self) -> list[Example]:
+        return load_task(self.config.task, self.config.eval.problems, seed=self.config.seed + 10_000)
+
+    # ---------------------------------------------------------------------------------- stage 0
+
+    def seed_data(self, path: Path, tokenizer: Any) -> None:
+        """Sequential worked solutions (sequential prompt) and noisy format attempts (format prompt)."""
+        from npr.tasks import noisy_attempt, sequential_solution
+
+        c = self.config
+        rng = random.Random(c.seed)
+        lines = []
+        for ex in load_task(c.task, c.seed_model.examples, seed=c.seed + 20_000):
+            noisy = rng.random() < c.seed_model.noisy_fraction
+            response = noisy_attempt(ex, rng) if noisy else sequential_solution(ex)
+            prompt = build_prompt(tokenizer, ex.question, parallel=noisy, style=c.prompt_style)
+            lines.append(json.dumps({"question": ex.question, "response": response, "prompt_ids": prompt}))
+        _atomic_write(path, "\n".join(lines) + "\n")
+
+    def stage_seed(self) -> str:
+        c = self.config.seed_model
+        if c.checkpoint and not self.from_scratch:
+            self.log(f"[seed] using the given checkpoint {c.checkpoint}")
+            return c.checkpoint
+
+        def run(folder: Path) -> dict[str, Any]:
+            from npr.model import save_model, tiny_model
+            from npr.train import sft
+            from npr.train.config import SFTConfig
+
+            model, tokenizer = tiny_model(seed=self.config.seed, **c.init)
+            init = folder / "init"
+            if not init.exists():
+                save_model(model, tokenizer, init)
+            data = folder / "data.jsonl"
+            if not data.exists():
+                self.seed_data(data, tokenizer)
+            settings = {
+                "model_path": str(init),
+                "data_path": str(data),
+                "out_dir": str(folder / "train"),
+                "parallel": False,
+                "seed": self.config.seed,
+                "prompt_style": self.config.prompt_style,
+                **c.sft,
+            }
+            final = sft.train(SFTConfig.model_validate(settings))
+            return {"model": str(final)}
+
+        return str(self._stage("seed", run)["model"])
+
+    # ---------------------------------------------------------------------------------- stages 1-3
+
+    def _rl(self, stage: str, model: str, algorithm: str, overrides: dict[str, Any]) -> str:
+        def run(folder: Path) -> dict[str, Any]:
+            from npr.train import rl
+            from npr.train.config import RLConfig
+
+            settings = {
+                "model_path": model,
+                "out_dir": str(folder / "train"),
+                "data": self.train_spec(),
+                "algorithm": algorithm,
+                "seed": self.config.seed,
+                "prompt_style": self.config.prompt_style,
+                **overrides,
+            }
+            return {"model": str(rl.train(RLConfig.model_validate(settings)))}
+
+        return str(self._stage(stage, run)["model"])
+
+    def _sft(self, stage: str, model: str, data: str, parallel: bool, overrides: dict[str, Any]) -> str:
+        def run(folder: Path) -> dict[str, Any]:
+            from npr.train import sft
+            from npr.train.config import SFTConfig
+
+            if not Path(data).exists() or not Path(data).read_text().strip():
+                # Honest degenerate case (e.g. a seed too weak to yield one good trace): no training data.
+                self.log(f"[{stage}] skipped: rejection sampling accepted no trace; the model stays {model}")
+                return {"model": model, "skipped": "no accepted traces"}
+
+            settings = {
+                "model_path": model,
+                "data_path": data,
+                "out_dir": str(folder / "train"),
+                "parallel": parallel,
+                "seed": self.config.seed,
+                "prompt_style": self.config.prompt_style,
+                **overrides,
+            }
+            return {"model": str(sft.train(SFTConfig.model_validate(settings)))}
+
+        return str(self._stage(stage, run)["model"])
+
+    def stage_rejection(self, npr_zero: str) -> str:
+        spec = self.config.rejection
+
+        def run(folder: Path) -> dict[str, Any]:
+            from npr.engine import ParallelEngine, SamplingParams
+            from npr.model import load_model
+            from npr.train.rejection import rejection_sample
+
+            model, tokenizer = load_model(npr_zero)
+            problems = load_task(self.config.task, spec.problems, seed=self.config.seed)
+            out = folder / "accepted.jsonl"
+            stats = rejection_sample(
+                ParallelEngine(model, tokenizer),
+                problems,
+                out,
+                k=spec.k,
+                params=SamplingParams(temperature=spec.temperature, max_new_tokens=spec.max_new_tokens),
+                seed=self.config.seed,
+                check=self.task.check,
+                prompt_style=self.config.prompt_style,
+                progress=True,
+            )
+            self.log(f"[rejection] accepted {stats.accepted}/{stats.problems} problems")
+            return {"data": str(out), "accepted": stats.accepted, "problems": stats.problems}
+
+        return str(self._stage("rejection", run)["data"])
+
+    def train_all(self) -> dict[str, str]:
+        """Every model of the comparison, trained (or found cached)."""
+        c = self.config
+        models = {"seed": self.stage_seed()}
+        models["npr_zero"] = self._rl("npr_zero", models["seed"], "dapo", c.npr_zero)
+        accepted = self.stage_rejection(models["npr_zero"])
+        models["npr_beta"] = self._sft("npr_beta", models["seed"], accepted, True, c.npr_beta)
+        models["sr_beta"] = self._sft("sr_beta", models["seed"], accepted, False, c.sr_beta)
+        models["npr"] = self._rl("npr", models["npr_beta"], "papo", c.npr)
+        models["sr"] = self._rl("sr", models["seed"], "papo", {"mode": "sequential", **c.sr})
+        return models
+
+    def run(self) -> dict[str, Any]:
+        """Train everything, evaluate everything, write the report; returns report.json's content."""
+        from npr.report import write_report
+
+        models = self.train_all()
+        results = {name: self.evaluate(name, models[name]) for name in MODELS}
+        return write_report(self, models, results)
+
+    # ---------------------------------------------------------------------------------- evaluation
+
+    def evaluate(self, name: str, model_path: str) -> dict[str, Any]:
+        """avg@k accuracy (answer only), all-intermediates-correct rate and timing of one model."""
+        from npr.engine import ParallelEngine
+        from npr.eval.harness import PromptSpec, evaluate, paper_params
+        from npr.eval.report import load_summary
+        from npr.model import load_model
+
+        out = self.out_dir / name
+        cached = out / "intermediates.json"
+        if cached.exists():
+            self.log(f"[eval {name}] cached")
+            return {"summary": load_summary(out), **json.loads(cached.read_text())}
+        spec = self.config.eval
+        mode = "parallel" if name in ("npr_beta", "npr") else "sequential"
+        # NPR-Zero writes the format while decoding sequentially: it is prompted as it was trained.
+        prompt = PromptSpec(format=True if name == "npr_zero" else None, style=self.config.prompt_style)
+        model, tokenizer = load_model(model_path)
+        examples = self.eval_examples()
+        params = paper_params(
+            spec.k, temperature=spec.temperature, top_p=spec.top_p, max_new_tokens=spec.max_new_tokens
+        )
+        params.seed = self.config.seed
+        result = evaluate(
+            ParallelEngine(model, tokenizer),
+            examples,
+            k=spec.k,
+            params=params,
+            mode=mode,  # type: ignore[arg-type]
+            out_dir=out,
+            verifier=_answer_only,
+            prompt=prompt,
+            info={"model": model_path, "stage": name},
+        )
+        golds = [ex for ex in examples for _ in range(spec.k)]
+        full = [self.task.check(r.text, ex) for r, ex in zip(result.run.rollouts, golds, strict=True)]
+        extra = {"intermediates": sum(full) / len(full), "mode": mode}
+        _atomic_write(cached, json.dumps(extra))
+        return {"summary": load_summary(out), **extra}
+
+
+def _answer_only(text: str, example: Example) -> bool:
+    """The boxed answer equals the gold integer (accuracy; intermediate results are scored apart)."""
+    from npr.format import extract_answer
+
+    return (extract_answer(text) or "").strip() == example.answer

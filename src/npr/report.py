@@ -1,0 +1,96 @@
+"""The pipeline's report: one table like the paper's, training curves and a page of sample trajectories."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from npr.pipeline import Pipeline
+
+LABELS = {
+    "seed": "Seed",
+    "npr_zero": "NPR-Zero",
+    "npr_beta": "NPR-Beta",
+    "sr_beta": "SR-Beta",
+    "sr": "SR",
+    "npr": "NPR",
+}
+CURVES = {"seed": "train/loss", "npr_zero": "train/reward", "npr_beta": "train/loss", "sr_beta": "train/loss"}
+CURVES |= {"npr": "train/reward", "sr": "train/reward"}
+
+
+def summarize(results: dict[str, dict[str, Any]]) -> dict[str, dict[str, float]]:
+    """Per model: accuracy, intermediates, rates, TPS, and speedups against the seed decoding sequentially."""
+    base = results["seed"]["summary"]["metrics"]
+    table = {}
+    for name, r in results.items():
+        m = r["summary"]["metrics"]
+        table[name] = {
+            "accuracy": m["avg_at_k"],
+            "intermediates_correct": r["intermediates"],
+            "format_valid": m["format_valid_rate"],
+            "parallel_rate": m["parallel_rate"],
+            "branches_per_fork": m["branches_per_fork"],
+            "tps": m["tps"],
+            "latency_s": m["latency_s"],
+            "speedup_tps": m["tps"] / base["tps"] if base["tps"] else 0.0,
+            "speedup_latency": base["latency_s"] / m["latency_s"] if m["latency_s"] else 0.0,
+            "ideal_speedup": m["ideal_speedup"],
+            "tokens_per_answer": m["total_tokens"] / (m["problems"] * m["k"]),
+        }
+    return table
+
+
+def markdown(table: dict[str, dict[str, float]], k: int, problems: int) -> str:
+    head = (
+        f"| model | avg@{k} | all steps right | format-valid | parallel rate | branches/fork | TPS | "
+        "speedup (TPS) | speedup (latency) | ideal speedup |\n|---|---|---|---|---|---|---|---|---|---|\n"
+    )
+    rows = "".join(
+        f"| {LABELS[n]} | {r['accuracy']:.3f} | {r['intermediates_correct']:.3f} | {r['format_valid']:.2f} | "
+        f"{r['parallel_rate']:.2f} | {r['branches_per_fork']:.2f} | {r['tps']:.0f} | {r['speedup_tps']:.2f}× | "
+        f"{r['speedup_latency']:.2f}× | {r['ideal_speedup']:.2f}× |\n"
+        for n, r in table.items()
+    )
+    note = f"\n{problems} held-out problems, {k} samples each; speedups against the seed decoding sequentially.\n"
+    return head + rows + note
+
+
+def plot_curves(run_dir: Path, out: Path) -> None:
+    """One panel per trained stage: its loss (SFT) or mean reward (RL) per step."""
+    from matplotlib.figure import Figure
+
+    from npr.train.loop import read_metrics
+
+    stages = [s for s in CURVES if (run_dir / s / "train" / "metrics.jsonl").exists()]
+    if not stages:
+        return
+    fig = Figure(figsize=(4 * len(stages), 3), layout="constrained")
+    for ax, stage in zip(fig.subplots(1, len(stages), squeeze=False)[0], stages, strict=True):
+        rows = [r for r in read_metrics(run_dir / stage / "train") if CURVES[stage] in r]
+        ax.plot([r["step"] for r in rows], [r[CURVES[stage]] for r in rows])
+        ax.set_title(LABELS[stage])
+        ax.set_xlabel("step")
+        ax.set_ylabel(CURVES[stage])
+    fig.savefig(out, dpi=100)
+
+
+def write_report(pipeline: Pipeline, models: dict[str, str], results: dict[str, dict[str, Any]]) -> dict:
+    from npr.engine import load_rollouts
+    from npr.pipeline import _atomic_write
+    from npr.viz import render_page
+
+    out = pipeline.out_dir
+    table = summarize(results)
+    spec = pipeline.config.eval
+    _atomic_write(out / "report.json", json.dumps(table, indent=2))
+    checkpoints = "".join(f"- {LABELS[n]}: `{path}`\n" for n, path in models.items())
+    _atomic_write(
+        out / "report.md", markdown(table, spec.k, spec.problems) + "\nCheckpoints:\n" + checkpoints
+    )
+    plot_curves(pipeline.run_dir, out / "curves.png")
+    samples = [r for name in ("npr", "npr_beta") for r in load_rollouts(out / name / "rollouts.jsonl")[:4]]
+    _atomic_write(out / "samples.html", render_page(samples, title="npr demo: sample trajectories"))
+    return table

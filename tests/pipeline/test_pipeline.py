@@ -1,0 +1,67 @@
+"""A reduced demo config runs every stage end to end and writes the report (minutes on 2 cores)."""
+
+import json
+
+import yaml
+from typer.testing import CliRunner
+
+from npr.cli import app
+from npr.pipeline import MODELS, STAGES, Pipeline, load_pipeline_config
+
+TINY = {
+    "kind": "pipeline",
+    "task": "group_max",
+    "prompt_style": "short",
+    "train_problems": 16,
+    "seed_model": {
+        "init": {
+            "hidden_size": 32,
+            "num_hidden_layers": 1,
+            "num_attention_heads": 2,
+            "num_key_value_heads": 1,
+        },
+        "examples": 64,
+        "sft": {"lr": 3e-3, "lr_end": 3e-4, "batch_size": 16, "max_steps": 3, "save_every": 0},
+    },
+    "npr_zero": {
+        "prompts_per_step": 2,
+        "rollouts_per_prompt": 2,
+        "max_steps": 1,
+        "max_new_tokens": 48,
+        "lr": 1e-4,
+    },
+    "rejection": {"k": 2, "problems": 4, "max_new_tokens": 48},
+    "npr_beta": {"lr": 1e-4, "batch_size": 1, "max_steps": 1},
+    "sr_beta": {"lr": 1e-4, "batch_size": 1, "max_steps": 1},
+    "npr": {
+        "prompts_per_step": 2,
+        "rollouts_per_prompt": 2,
+        "max_steps": 1,
+        "max_new_tokens": 48,
+        "lr": 1e-4,
+    },
+    "sr": {"prompts_per_step": 2, "rollouts_per_prompt": 2, "max_steps": 1, "max_new_tokens": 48, "lr": 1e-4},
+    "eval": {"problems": 3, "k": 2, "max_new_tokens": 48},
+}
+
+
+def test_reduced_pipeline_runs_every_stage_and_writes_the_report(tmp_path):
+    config = tmp_path / "tiny.yaml"
+    config.write_text(
+        yaml.safe_dump({**TINY, "run_dir": str(tmp_path / "runs"), "out_dir": str(tmp_path / "out")})
+    )
+    result = CliRunner().invoke(app, ["pipeline", str(config), "--from-scratch"])
+    assert result.exit_code == 0, result.output
+    report = json.loads((tmp_path / "out" / "report.json").read_text())
+    assert set(report) == set(MODELS)
+    for row in report.values():
+        assert {"accuracy", "parallel_rate", "tps", "speedup_tps", "speedup_latency"} <= set(row)
+        assert 0 <= row["accuracy"] <= 1 and row["tps"] > 0
+    assert report["seed"]["speedup_tps"] == 1.0 and report["seed"]["parallel_rate"] == 0.0
+    for stage in STAGES:
+        assert (tmp_path / "runs" / stage / "done.json").exists()
+    for name in ("report.md", "curves.png", "samples.html"):
+        assert (tmp_path / "out" / name).stat().st_size > 0
+    # A re-run finds every stage and evaluation cached.
+    again = Pipeline(load_pipeline_config(config), from_scratch=True, log=lambda _: None)
+    assert again.run() == report
