@@ -97,7 +97,7 @@ def load_pipeline_config(path: str | Path, **overrides: Any) -> PipelineConfig:
         raise ConfigError(f"{path}: {e}") from e
     seed = config.seed_model
     if seed.checkpoint and not Path(seed.checkpoint).is_absolute():  # relative to the config file
-        checkpoint = str(Path(path).parent / seed.checkpoint)
+        checkpoint = str(Path(path).resolve().parent / seed.checkpoint)
         config = config.model_copy(update={"seed_model": seed.model_copy(update={"checkpoint": checkpoint})})
     return config
 
@@ -124,6 +124,7 @@ class Pipeline:
         if config.task not in TASKS:
             raise ValueError(f"task {config.task!r} is not one of {sorted(TASKS)}")
         self.task = TASKS[config.task]
+        self.validate()
 
     # ---------------------------------------------------------------------------------- bookkeeping
 
@@ -175,7 +176,6 @@ class Pipeline:
         def run(folder: Path) -> dict[str, Any]:
             from npr.model import save_model, tiny_model
             from npr.train import sft
-            from npr.train.config import SFTConfig
 
             model, tokenizer = tiny_model(seed=self.config.seed, **c.init)
             init = folder / "init"
@@ -184,60 +184,70 @@ class Pipeline:
             data = folder / "data.jsonl"
             if not data.exists():
                 self.seed_data(data, tokenizer)
-            settings = {
-                "model_path": str(init),
-                "data_path": str(data),
-                "out_dir": str(folder / "train"),
-                "parallel": False,
-                "seed": self.config.seed,
-                "prompt_style": self.config.prompt_style,
-                **c.sft,
-            }
-            final = sft.train(SFTConfig.model_validate(settings))
-            return {"model": str(final)}
+            return {"model": str(sft.train(self.sft_config("seed", str(init), str(data))))}
 
         return str(self._stage("seed", run)["model"])
 
     # ---------------------------------------------------------------------------------- stages 1-3
 
-    def _rl(self, stage: str, model: str, algorithm: str, overrides: dict[str, Any]) -> str:
+    def rl_config(self, stage: str, model: str) -> Any:
+        """The RLConfig of an RL stage (npr_zero: DAPO; npr: PAPO; sr: sequential PAPO-style)."""
+        from npr.train.config import RLConfig
+
+        algorithm = {"npr_zero": "dapo", "npr": "papo", "sr": "papo"}[stage]
+        baseline = {"mode": "sequential"} if stage == "sr" else {}
+        settings = {
+            "model_path": model,
+            "out_dir": str(self.run_dir / stage / "train"),
+            "data": self.train_spec(),
+            "algorithm": algorithm,
+            "seed": self.config.seed,
+            "prompt_style": self.config.prompt_style,
+            **baseline,
+            **getattr(self.config, stage),
+        }
+        return RLConfig.model_validate(settings)
+
+    def sft_config(self, stage: str, model: str, data: str) -> Any:
+        """The SFTConfig of a stage: the seed (causal, from scratch), npr_beta (parallel), sr_beta (causal)."""
+        from npr.train.config import SFTConfig
+
+        overrides = self.config.seed_model.sft if stage == "seed" else getattr(self.config, stage)
+        settings = {
+            "model_path": model,
+            "data_path": data,
+            "out_dir": str(self.run_dir / stage / "train"),
+            "parallel": stage == "npr_beta",
+            "seed": self.config.seed,
+            "prompt_style": self.config.prompt_style,
+            **overrides,
+        }
+        return SFTConfig.model_validate(settings)
+
+    def validate(self) -> None:
+        """Build every stage's config now, so a typo fails at load, not an hour into the run."""
+        for stage in ("npr_zero", "npr", "sr"):
+            self.rl_config(stage, "model")
+        for stage in ("seed", "npr_beta", "sr_beta"):
+            self.sft_config(stage, "model", "data.jsonl")
+
+    def _rl(self, stage: str, model: str) -> str:
         def run(folder: Path) -> dict[str, Any]:
             from npr.train import rl
-            from npr.train.config import RLConfig
 
-            settings = {
-                "model_path": model,
-                "out_dir": str(folder / "train"),
-                "data": self.train_spec(),
-                "algorithm": algorithm,
-                "seed": self.config.seed,
-                "prompt_style": self.config.prompt_style,
-                **overrides,
-            }
-            return {"model": str(rl.train(RLConfig.model_validate(settings)))}
+            return {"model": str(rl.train(self.rl_config(stage, model)))}
 
         return str(self._stage(stage, run)["model"])
 
-    def _sft(self, stage: str, model: str, data: str, parallel: bool, overrides: dict[str, Any]) -> str:
+    def _sft(self, stage: str, model: str, data: str) -> str:
         def run(folder: Path) -> dict[str, Any]:
             from npr.train import sft
-            from npr.train.config import SFTConfig
 
             if not Path(data).exists() or not Path(data).read_text().strip():
                 # Honest degenerate case (e.g. a seed too weak to yield one good trace): no training data.
                 self.log(f"[{stage}] skipped: rejection sampling accepted no trace; the model stays {model}")
                 return {"model": model, "skipped": "no accepted traces"}
-
-            settings = {
-                "model_path": model,
-                "data_path": data,
-                "out_dir": str(folder / "train"),
-                "parallel": parallel,
-                "seed": self.config.seed,
-                "prompt_style": self.config.prompt_style,
-                **overrides,
-            }
-            return {"model": str(sft.train(SFTConfig.model_validate(settings)))}
+            return {"model": str(sft.train(self.sft_config(stage, model, data)))}
 
         return str(self._stage(stage, run)["model"])
 
@@ -270,14 +280,13 @@ class Pipeline:
 
     def train_all(self) -> dict[str, str]:
         """Every model of the comparison, trained (or found cached)."""
-        c = self.config
         models = {"seed": self.stage_seed()}
-        models["npr_zero"] = self._rl("npr_zero", models["seed"], "dapo", c.npr_zero)
+        models["npr_zero"] = self._rl("npr_zero", models["seed"])
         accepted = self.stage_rejection(models["npr_zero"])
-        models["npr_beta"] = self._sft("npr_beta", models["seed"], accepted, True, c.npr_beta)
-        models["sr_beta"] = self._sft("sr_beta", models["seed"], accepted, False, c.sr_beta)
-        models["npr"] = self._rl("npr", models["npr_beta"], "papo", c.npr)
-        models["sr"] = self._rl("sr", models["seed"], "papo", {"mode": "sequential", **c.sr})
+        models["npr_beta"] = self._sft("npr_beta", models["seed"], accepted)
+        models["sr_beta"] = self._sft("sr_beta", models["seed"], accepted)
+        models["npr"] = self._rl("npr", models["npr_beta"])
+        models["sr"] = self._rl("sr", models["seed"])
         return models
 
     def run(self) -> dict[str, Any]:

@@ -65,3 +65,26 @@ def test_reduced_pipeline_runs_every_stage_and_writes_the_report(tmp_path):
     # A re-run finds every stage and evaluation cached.
     again = Pipeline(load_pipeline_config(config), from_scratch=True, log=lambda _: None)
     assert again.run() == report
+
+
+def test_the_shipped_demo_config_validates_every_stage():
+    config = load_pipeline_config("configs/demo.yaml")
+    pipeline = Pipeline(config, log=lambda _: None)  # builds every stage's config
+    assert (
+        pipeline.rl_config("npr", "m").algorithm == "papo"
+        and pipeline.rl_config("sr", "m").mode == "sequential"
+    )
+    assert (
+        pipeline.sft_config("npr_beta", "m", "d").parallel
+        and not pipeline.sft_config("sr_beta", "m", "d").parallel
+    )
+
+
+def test_a_typo_in_a_stage_fails_at_load(tmp_path):
+    config = load_pipeline_config("configs/demo.yaml", npr={"lrr": 1.0})
+    try:
+        Pipeline(config, log=lambda _: None)
+    except ValueError as e:
+        assert "lrr" in str(e)
+    else:
+        raise AssertionError("a misspelt field was accepted")
