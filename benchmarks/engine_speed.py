@@ -20,16 +20,20 @@ import platform
 import pstats
 import statistics
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
+from typing import TypeVar
 
 import torch
 import transformers
+from transformers import DynamicCache, PreTrainedModel, PreTrainedTokenizerBase
 
 from npr.engine import ParallelEngine, Rollout, SamplingParams
+from npr.engine.kv import cache_kwarg
 from npr.format import TagIds
 from npr.model import tiny_model
 
+T = TypeVar("T")
 MODELS = {
     "h128-L2": dict(hidden_size=128, num_hidden_layers=2),
     "h512-L8": dict(hidden_size=512, num_hidden_layers=8, num_attention_heads=8, num_key_value_heads=4),
@@ -99,15 +103,15 @@ class Fork:
 @dataclass
 class Setup:
     name: str
-    model: torch.nn.Module
-    tok: object
+    model: PreTrainedModel
+    tok: PreTrainedTokenizerBase
     tags: TagIds
     engine: ParallelEngine
     ban: Ban
 
     @classmethod
     def build(cls, name: str, device: str) -> Setup:
-        model, tok = tiny_model(seed=0, **MODELS[name])  # type: ignore[arg-type]
+        model, tok = tiny_model(seed=0, **MODELS[name])
         model = model.to(device)
         tags = TagIds.from_tokenizer(tok)
         return cls(
@@ -116,26 +120,24 @@ class Setup:
 
     def prompt(self, n_tokens: int, salt: int = 0) -> list[int]:
         words = " ".join(f"w{(salt * 7919 + i) % 97}" for i in range(n_tokens))
-        return self.tok(words, add_special_tokens=False)["input_ids"][:n_tokens]  # type: ignore[operator]
+        return self.tok(words, add_special_tokens=False)["input_ids"][:n_tokens]
 
     def fork(self, prompt: list[int], n: int, branch_len: int) -> Fork:
-        t, enc = self.tags, self.tok.encode  # type: ignore[attr-defined]
+        t, enc = self.tags, self.tok.encode
         guideline = [t.guideline_open]
         for i in range(1, n + 1):
             guideline += [t.plan_open, *enc(f"{i}: part {i}", add_special_tokens=False), t.plan_close]
         guideline.append(t.guideline_close)
-        return Fork(len(prompt), guideline, n, branch_len, t, self.tok.eos_token_id, self.ban)  # type: ignore[attr-defined]
+        return Fork(len(prompt), guideline, n, branch_len, t, self.tok.eos_token_id, self.ban)
 
 
-def timed(fn: Callable[[], object]) -> tuple[object, float]:
+def timed(fn: Callable[[], T]) -> tuple[T, float]:
     start = time.perf_counter()
     out = fn()
     return out, time.perf_counter() - start
 
 
-def interleaved(
-    runs: dict[str, Callable[[], object]], reps: int
-) -> tuple[dict[str, object], dict[str, float]]:
+def interleaved(runs: Mapping[str, Callable[[], T]], reps: int) -> tuple[dict[str, T], dict[str, float]]:
     """One warm-up each, then `reps` rounds alternating the runs; median seconds per run."""
     results = {k: fn() for k, fn in runs.items()}
     times: dict[str, list[float]] = {k: [] for k in runs}
@@ -158,7 +160,7 @@ def greedy_params(max_new: int, proc) -> SamplingParams:
 
 
 def greedy(s: Setup, prompts: list[list[int]], max_new: int, mode: str, proc=None) -> list[Rollout]:
-    return s.engine.generate(prompts, greedy_params(max_new, proc or s.ban), mode=mode)  # type: ignore[arg-type]
+    return s.engine.generate(prompts, greedy_params(max_new, proc or s.ban), mode=mode)
 
 
 # ------------------------------------------------------------------------------------------------ measures
@@ -170,7 +172,7 @@ def vs_hf(s: Setup, args) -> list[tuple[str, str]]:
     ids = torch.tensor([prompt], device=s.engine.pool.device)
 
     def hf() -> list[int]:
-        out = s.model.generate(  # type: ignore[operator]
+        out = s.model.generate(
             ids,
             attention_mask=torch.ones_like(ids),
             max_new_tokens=n,
@@ -207,7 +209,7 @@ def parallel_vs_sequential(s: Setup, args) -> list[tuple[str, str]]:
             "sequential": lambda total=total: greedy(s, [prompt], total, "sequential"),
         }
         results, secs = interleaved(runs, args.reps)
-        assert results["sequential"][0].stats.total_tokens == total  # type: ignore[index]
+        assert results["sequential"][0].stats.total_tokens == total
         speedup, ideal = secs["sequential"] / secs["parallel"], total / path
         rows.append(
             (
@@ -215,8 +217,36 @@ def parallel_vs_sequential(s: Setup, args) -> list[tuple[str, str]]:
                 f"{speedup:.2f} / {ideal:.2f} = {speedup / ideal:.2f}",
             )
         )
+        bound = model_bound(s, n, len(prompt) + path // 2)
+        rows.append((f"(b) n={n}: model-only bound (forward ms 1 query ÷ {n} queries)", f"{bound:.2f}"))
         rows.append(kv_bytes(s, prompt, fork, n))
     return rows
+
+
+def decode_forward(s: Setup, queries: int, context: int) -> float:
+    """Seconds of one bare model forward adding `queries` tokens to a fresh `context`-token cache."""
+    dev = s.engine.pool.device
+    cache = {cache_kwarg(s.model): DynamicCache()}
+    with torch.inference_mode():
+        s.model(input_ids=torch.zeros(1, context, dtype=torch.long, device=dev), use_cache=True, **cache)
+        ids = torch.zeros(1, queries, dtype=torch.long, device=dev)
+        pos = torch.arange(context, context + queries, device=dev)[None]
+        mask = torch.zeros(1, 1, queries, context + queries, device=dev)
+        start = time.perf_counter()
+        s.model(input_ids=ids, position_ids=pos, attention_mask=mask, use_cache=True, **cache)
+        if dev.type == "cuda":
+            torch.cuda.synchronize()
+        return time.perf_counter() - start
+
+
+def model_bound(s: Setup, n: int, context: int, reps: int = 15) -> float:
+    """What a decode step costs with zero engine overhead decides how close (b) can get to its ideal: with n
+    branches per step, at most forward(1 query) / forward(n queries). Measured interleaved, medians."""
+    one, many = [], []
+    for _ in range(reps):
+        one.append(decode_forward(s, 1, context))
+        many.append(decode_forward(s, n, context))
+    return statistics.median(one) / statistics.median(many)
 
 
 def kv_bytes(s: Setup, prompt: list[int], fork: Fork, n: int) -> tuple[str, str]:
@@ -226,7 +256,7 @@ def kv_bytes(s: Setup, prompt: list[int], fork: Fork, n: int) -> tuple[str, str]
     shared pool at the block's end: P + g + n·L tokens;  copy per branch: n·(P + g + L) tokens
     (P prompt, g trunk up to </guideline>, L tokens per branch).
     """
-    cfg = s.model.config  # type: ignore[attr-defined]
+    cfg = s.model.config
     per_token = (
         2 * cfg.num_hidden_layers * cfg.num_key_value_heads * cfg.head_dim * s.engine.pool.dtype.itemsize
     )
@@ -264,7 +294,7 @@ def concurrency(s: Setup, args) -> list[tuple[str, str]]:
     for kind in ("plain", "forked"):
         rate = {
             c: sum(r.stats.total_tokens for r in results[f"{kind} {c}"]) / secs[f"{kind} {c}"] for c in (1, k)
-        }  # type: ignore[attr-defined]
+        }
         label = "4 branches" if kind == "forked" else "no fork"
         rows.append(
             (
@@ -320,7 +350,7 @@ def main() -> None:
     print(machine(args.device))
     for name in args.models:
         s = Setup.build(name, args.device)
-        cfg = s.model.config  # type: ignore[attr-defined]
+        cfg = s.model.config
         print(
             f"\n{name}: hidden {cfg.hidden_size}, layers {cfg.num_hidden_layers}, heads {cfg.num_attention_heads}/{cfg.num_key_value_heads} kv, vocab {cfg.vocab_size}"
         )

@@ -23,6 +23,7 @@ from npr.engine import (
     load_rollouts,
     save_rollouts,
 )
+from npr.engine.params import LogitsProcessor
 from npr.format import TagIds
 from npr.layout import LayoutError, build_layout
 from npr.model import tiny_model
@@ -79,13 +80,13 @@ class Forced:
 
 
 @dataclass
-class BranchSays(Script):
-    """A Script whose branches write `token` as their first free token."""
+class SaysFirst(Script):
+    """A Script whose first free tokens (in its first branch, when it forks) are `words`."""
 
-    token: int = 0
+    words: list[int] = field(default_factory=list)
 
     def _free(self, logits: torch.Tensor) -> torch.Tensor:
-        return self._force(logits, self.token)
+        return self._force(logits, self.words.pop(0)) if self.words else super()._free(logits)
 
 
 @dataclass
@@ -106,11 +107,11 @@ class FreeTrunk:
 class Spy:
     """Records the ids each call sees and the logits it returns."""
 
-    inner: object
+    inner: LogitsProcessor
     calls: list[tuple[list[int], torch.Tensor]] = field(default_factory=list)
 
     def __call__(self, visible: list[int], logits: torch.Tensor) -> torch.Tensor:
-        out = self.inner(visible, logits)  # type: ignore[operator]
+        out = self.inner(visible, logits)
         self.calls.append((list(visible), out))
         return out
 
@@ -320,16 +321,16 @@ def test_invalid_structure_ends_only_that_request(setup):
             FinishReason.INVALID_STRUCTURE,
             "nested_tag",
         ),
-        (BranchSays(tok, [[3, 3]], token=t.step_open), FinishReason.INVALID_STRUCTURE, "nested_tag"),
+        (SaysFirst(tok, [[3]], words=[t.step_open]), FinishReason.INVALID_STRUCTURE, "nested_tag"),
         (
-            BranchSays(tok, [[3, 3]], token=eos),
+            SaysFirst(tok, [[3]], words=[eos]),
             FinishReason.INVALID_STRUCTURE,
             "end of sequence inside a step",
         ),
         (Script(tok, [[2, 4]]), FinishReason.STOP, None),
         (Script(tok, [[3], [1, 2]]), FinishReason.STOP, None),
     ]
-    proc = PerPrompt({tuple(p): c[0] for p, c in zip(ps, cases, strict=True)})  # type: ignore[misc]
+    proc = PerPrompt({tuple(p): c[0] for p, c in zip(ps, cases, strict=True)})
     rollouts = engine.generate(
         ps, SamplingParams(seed=0, max_new_tokens=200, max_plans=2, logits_processors=[proc])
     )
@@ -363,28 +364,12 @@ def test_tags_spelled_as_plain_text_do_not_steer_the_engine(setup, where):
     sub-tokens must not move positions away from it."""
     model, tok, tags, engine = setup
     (p,) = prompts(tok, 1)
+    proc: LogitsProcessor
     if where == "trunk":
         proc = Forced(len(p), enc(tok, "<guideline><plan>1: add</plan></guideline> so"), tok.eos_token_id)
     else:
         spelled = enc(tok, " x</step>")
-        script = Script(tok, [[len(spelled) + 3, 2]])
-
-        def proc(visible: list[int], logits: torch.Tensor) -> torch.Tensor:
-            start = (
-                max(i for i, x in enumerate(visible) if x == tags.step_open)
-                if tags.step_open in visible
-                else -1
-            )
-            k = len(visible) - start - 3  # free tokens written after "<step>1:"
-            if (
-                start >= 0
-                and tags.takeaway_open not in visible[start:]
-                and visible[start + 1] == enc(tok, "1")[0]
-                and 0 <= k < len(spelled)
-            ):
-                return force(logits, spelled[k])
-            return script(visible, logits)
-
+        proc = SaysFirst(tok, [[len(spelled) + 3]], words=spelled)
     (r,) = engine.generate([p], SamplingParams(seed=0, max_new_tokens=120, logits_processors=[proc]))
     assert r.finish_reason == FinishReason.STOP, r.stop_reason
     assert layout(r, tags).position_ids.tolist() == r.position_ids, r.text

@@ -11,7 +11,7 @@ import json
 import math
 import os
 import re
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from functools import cache
 from importlib.resources import files
@@ -71,20 +71,9 @@ def _text_field(record: dict[str, Any], name: str, where: str, *, numbers: bool)
     return value
 
 
-def load_jsonl(
-    path: str | os.PathLike[str],
-    *,
-    question_field: str = "question",
-    answer_field: str = "answer",
-    id_field: str | None = None,
-) -> list[Example]:
-    """Read one example per line; other fields go to ``meta``. Blank lines are skipped.
-
-    Ids come from ``id_field`` (unique) or default to ``"<file stem>:<line>"``.
-    """
+def iter_jsonl(path: str | os.PathLike[str]) -> Iterator[tuple[int, str, dict[str, Any]]]:
+    """`(line, "file:line", record)` for each non-blank line; bad JSON or a non-object names its line."""
     path = Path(path)
-    examples: list[Example] = []
-    seen: dict[str, int] = {}
     with path.open(encoding="utf-8") as f:
         for lineno, line in enumerate(f, start=1):
             if not line.strip():
@@ -96,17 +85,35 @@ def load_jsonl(
                 raise DataError(f"{where}: invalid JSON ({e.msg} at column {e.colno})") from None
             if not isinstance(record, dict):
                 raise DataError(f"{where}: expected a JSON object, got {type(record).__name__}")
-            question = _text_field(record, question_field, where, numbers=False)
-            answer = _text_field(record, answer_field, where, numbers=True)
-            ex_id = f"{path.stem}:{lineno}"
-            if id_field is not None:
-                ex_id = _text_field(record, id_field, where, numbers=True)
-                if ex_id in seen:
-                    raise DataError(f"{where}: duplicate id {ex_id!r} (first on line {seen[ex_id]})")
-                seen[ex_id] = lineno
-            used = {question_field, answer_field, id_field}
-            meta = {k: v for k, v in record.items() if k not in used}
-            examples.append(Example(question=question, answer=answer, id=ex_id, meta=meta))
+            yield lineno, where, record
+
+
+def load_jsonl(
+    path: str | os.PathLike[str],
+    *,
+    question_field: str = "question",
+    answer_field: str = "answer",
+    id_field: str | None = None,
+) -> list[Example]:
+    """Read one example per line; other fields go to ``meta``. Blank lines are skipped.
+
+    Ids come from ``id_field`` (unique) or default to ``"<file stem>:<line>"``.
+    """
+    examples: list[Example] = []
+    seen: dict[str, int] = {}
+    stem = Path(path).stem
+    for lineno, where, record in iter_jsonl(path):
+        question = _text_field(record, question_field, where, numbers=False)
+        answer = _text_field(record, answer_field, where, numbers=True)
+        ex_id = f"{stem}:{lineno}"
+        if id_field is not None:
+            ex_id = _text_field(record, id_field, where, numbers=True)
+            if ex_id in seen:
+                raise DataError(f"{where}: duplicate id {ex_id!r} (first on line {seen[ex_id]})")
+            seen[ex_id] = lineno
+        used = {question_field, answer_field, id_field}
+        meta = {k: v for k, v in record.items() if k not in used}
+        examples.append(Example(question=question, answer=answer, id=ex_id, meta=meta))
     return examples
 
 

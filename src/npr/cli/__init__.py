@@ -11,6 +11,7 @@ app = typer.Typer(no_args_is_help=True, add_completion=False, help="Native Paral
 def _root() -> None:
     """Train, evaluate and serve models that reason in parallel branches."""
 
+
 # Each module registers its command on `app` when imported.
 from npr.cli import eval, generate, pipeline, sample, serve, train, train_rl, view  # noqa: E402,F401
 

@@ -35,7 +35,9 @@ def generate(
     top_p: float = 1.0,
     seed: int | None = None,
     max_new_tokens: Annotated[int, typer.Option(help="Budget over all branches.")] = 512,
-    raw: Annotated[bool, typer.Option(help="Send the prompt as is, without the chat template/instruction.")] = False,
+    raw: Annotated[
+        bool, typer.Option(help="Send the prompt as is, without the chat template/instruction.")
+    ] = False,
     as_json: Annotated[bool, typer.Option("--json", help="Print rollouts as JSON lines.")] = False,
 ) -> None:
     """Generate answers; print each answer and its branch structure."""
@@ -43,7 +45,9 @@ def generate(
     from npr.engine import ParallelEngine, SamplingParams
 
     net, tok = load_any(model)
-    params = SamplingParams(n=n, temperature=temperature, top_p=top_p, seed=seed, max_new_tokens=max_new_tokens)
+    params = SamplingParams(
+        n=n, temperature=temperature, top_p=top_p, seed=seed, max_new_tokens=max_new_tokens
+    )
     prompts = [p if raw else build_prompt(tok, p, parallel=mode == "parallel") for p in prompt]
     rollouts = ParallelEngine(net, tok).generate(prompts, params, mode=mode)  # type: ignore[arg-type]
     for r in rollouts:

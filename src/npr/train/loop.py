@@ -30,8 +30,9 @@ import json
 import math
 import os
 import random
+import sys
 import tempfile
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from types import TracebackType
 from typing import TYPE_CHECKING, Any, Literal
@@ -358,3 +359,15 @@ def read_metrics(out_dir: str | Path) -> list[dict[str, Any]]:
 def progress_bar(total: int, initial: int, rank: int, desc: str) -> tqdm:
     """A tqdm bar over optimizer steps, shown on rank 0 only."""
     return tqdm(total=total, initial=initial, desc=desc, unit="step", disable=rank != 0, dynamic_ncols=True)
+
+
+def recipe_main(train: Callable[[Any], Path], config_cls: type, module: str, argv: list[str] | None) -> None:
+    """`python -m MODULE CONFIG` (also what `torchrun … -m MODULE CONFIG` runs): train, print the result."""
+    from npr.train.config import load_config
+
+    args = sys.argv[1:] if argv is None else argv
+    if len(args) != 1:
+        raise SystemExit(f"usage: python -m {module} CONFIG.yaml")
+    final = train(load_config(args[0], config_cls))
+    if int(os.environ.get("RANK", "0")) == 0:
+        print(final)

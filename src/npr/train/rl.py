@@ -37,7 +37,6 @@ from __future__ import annotations
 import contextlib
 import functools
 import hashlib
-import sys
 import time
 from collections import defaultdict
 from collections.abc import Iterator, Sequence
@@ -58,7 +57,7 @@ from npr.rewards import AnswerCheck, format_penalty_batch, stage1_reward_batch, 
 from npr.tasks import task_check
 from npr.train.advantages import compute_advantages, dynamic_sampling_mask
 from npr.train.checkpoint import checkpoint_name
-from npr.train.config import RLConfig, load_config
+from npr.train.config import RLConfig
 from npr.train.loop import (
     MetricLogger,
     all_reduce_sum,
@@ -70,6 +69,7 @@ from npr.train.loop import (
     is_distributed,
     load_train_model,
     progress_bar,
+    recipe_main,
     resume,
     save,
     seed_everything,
@@ -502,10 +502,7 @@ def train(
 
 def main(argv: list[str] | None = None) -> None:
     """`python -m npr.train.rl CONFIG` (also what `torchrun … -m npr.train.rl CONFIG` runs)."""
-    args = sys.argv[1:] if argv is None else argv
-    if len(args) != 1:
-        raise SystemExit("usage: python -m npr.train.rl CONFIG.yaml")
-    print(train(load_config(args[0], RLConfig)))
+    recipe_main(train, RLConfig, "npr.train.rl", argv)
 
 
 if __name__ == "__main__":

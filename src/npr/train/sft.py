@@ -17,8 +17,6 @@ global batch of each epoch is skipped (as `drop_last`), so every step has the sa
 
 from __future__ import annotations
 
-import json
-import os
 import sys
 import time
 from dataclasses import dataclass
@@ -27,10 +25,10 @@ from typing import Any
 
 import torch
 
-from npr.data import DataError, PromptStyle, build_prompt
+from npr.data import DataError, PromptStyle, build_prompt, iter_jsonl
 from npr.format import FormatError, TagIds
 from npr.train.checkpoint import checkpoint_name
-from npr.train.config import ConfigError, SFTConfig, load_config
+from npr.train.config import ConfigError, SFTConfig
 from npr.train.loop import (
     MetricLogger,
     all_reduce_sum,
@@ -44,6 +42,7 @@ from npr.train.loop import (
     layout_logits,
     load_train_model,
     progress_bar,
+    recipe_main,
     resume,
     save,
     seed_everything,
@@ -87,26 +86,17 @@ def load_sft_examples(
 
     Examples longer than `max_len` tokens are dropped, never cut: a cut branch breaks the layout.
     """
-    path = Path(path)
     examples, too_long = [], 0
-    with path.open(encoding="utf-8") as f:
-        for lineno, line in enumerate(f, start=1):
-            if not line.strip():
-                continue
-            where = f"{path}:{lineno}"
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise DataError(f"{where}: invalid JSON ({exc.msg} at column {exc.colno})") from None
-            for name in ("question", "response"):
-                if not isinstance(record.get(name), str) or not record[name].strip():
-                    raise DataError(f"{where}: field {name!r} must be a non-empty string")
-            prompt = _prompt_ids(tokenizer, record, parallel, style, where)
-            response = _response_ids(tokenizer, record["response"], parallel, where)
-            if len(prompt) + len(response) > max_len:
-                too_long += 1
-                continue
-            examples.append(sft_example(prompt, response, parallel=parallel))
+    for _, where, record in iter_jsonl(path):
+        for name in ("question", "response"):
+            if not isinstance(record.get(name), str) or not record[name].strip():
+                raise DataError(f"{where}: field {name!r} must be a non-empty string")
+        prompt = _prompt_ids(tokenizer, record, parallel, style, where)
+        response = _response_ids(tokenizer, record["response"], parallel, where)
+        if len(prompt) + len(response) > max_len:
+            too_long += 1
+            continue
+        examples.append(sft_example(prompt, response, parallel=parallel))
     return examples, too_long
 
 
@@ -269,12 +259,7 @@ def train(config: SFTConfig) -> Path:
 
 def main(argv: list[str] | None = None) -> None:
     """`python -m npr.train.sft CONFIG` (also what `torchrun … -m npr.train.sft CONFIG` runs)."""
-    args = sys.argv[1:] if argv is None else argv
-    if len(args) != 1:
-        raise SystemExit("usage: python -m npr.train.sft CONFIG.yaml")
-    final = train(load_config(args[0], SFTConfig))
-    if int(os.environ.get("RANK", "0")) == 0:
-        print(final)
+    recipe_main(train, SFTConfig, "npr.train.sft", argv)
 
 
 if __name__ == "__main__":
