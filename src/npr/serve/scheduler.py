@@ -186,6 +186,7 @@ class Scheduler:
                 if self.engine.has_work:
                     self.engine.step()
                     self.counters.steps_total += 1
+                self._refresh_gauges()  # before answering: a client that reads /metrics next sees this step
                 self._publish()
             except Exception as e:  # an engine failure must not take the server down: fail what was live
                 log.exception("the decoding loop failed")
