@@ -597,3 +597,29 @@ def test_rollouts_round_trip_through_jsonl(setup, tmp_path):
     path.write_text(path.read_text() + "{not json\n")
     with pytest.raises(ValueError, match="rollouts.jsonl:5"):
         load_rollouts(path)
+
+
+def test_a_failing_processor_in_a_raw_step_loop_ends_only_its_request(setup):
+    model, tok, tags, engine = setup
+    (p,) = prompts(tok, 1)
+
+    def boom(visible: list[int], logits: torch.Tensor) -> torch.Tensor:
+        if len(visible) > len(p) + 2:
+            raise RuntimeError("processor bug")
+        return logits
+
+    (bad,) = engine.add_request(p, SamplingParams(max_new_tokens=8, logits_processors=[boom]))
+    (good,) = engine.add_request(p, SamplingParams(max_new_tokens=8, seed=0))
+    raised = 0
+    for _ in range(50):
+        if not engine.has_work:
+            break
+        try:
+            engine.step()
+        except RuntimeError:
+            raised += 1
+    assert raised == 1 and not engine.has_work
+    assert engine.rollout(bad).finish_reason == FinishReason.ERROR and "processor bug" in (
+        bad.stop_reason or ""
+    )
+    assert engine.rollout(good).finish_reason == FinishReason.LENGTH

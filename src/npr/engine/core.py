@@ -187,9 +187,12 @@ class ParallelEngine:
     def step(self) -> list[_Request]:
         """Admit waiting requests, run one batched forward, sample one token per live unit.
 
-        Returns the requests that finished during this step.
+        Returns the requests that finished during this step. If a logits processor raised, its request
+        ends with finish reason `error`, the other requests still advance, and the first error is re-raised
+        once the step is complete.
         """
         self._admit()
+        errors: list[Exception] = []
         feeds: list[Feed] = []
         sample_at: list[int] = []
         targets: list[tuple[_Request, _Branch | None]] = []
@@ -210,10 +213,16 @@ class ParallelEngine:
             logprobs = torch.log_softmax(logits, dim=-1)
             for k, (r, unit) in enumerate(targets):
                 if r.finish is None:
-                    self._sample(r, unit, logits[k], logprobs[k])
+                    try:
+                        self._sample(r, unit, logits[k], logprobs[k])
+                    except Exception as e:  # only the request whose processor failed ends; others go on
+                        self._finish(r, FinishReason.ERROR, stop_reason=f"{type(e).__name__}: {e}")
+                        errors.append(e)
         done = [r for r in self.running if r.finish is not None]
         self.running = [r for r in self.running if r.finish is None]
         self.pool.collect()
+        if errors:  # the step is complete and consistent; now tell the caller
+            raise errors[0]
         return done
 
     @property

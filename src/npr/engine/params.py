@@ -22,6 +22,7 @@ class FinishReason(StrEnum):
     INVALID_FORK = "invalid_fork"  # guideline with 0 plans or more than max_plans
     INVALID_STRUCTURE = "invalid_structure"  # a tag where the grammar forbids it (nested, </step> in trunk…)
     CANCELLED = "cancelled"  # the caller withdrew the request
+    ERROR = "error"  # a caller-supplied callable (a logits processor) raised; stop_reason says what
 
 
 class ParamError(ValueError):
