@@ -7,18 +7,16 @@ hold different token counts: only a token mean over the global batch makes the u
 
 from __future__ import annotations
 
-import os
-import socket
 import time
 from pathlib import Path
 
 import pytest
-import torch
 import torch.multiprocessing as mp
 
 from npr.train.config import SFTConfig
 from npr.train.loop import read_metrics
 from npr.train.sft import train
+from tests.train.dist import become_rank, free_port
 from tests.train.test_sft import SUMS, sft_config, weights, weights_of_seed
 
 # Global batch 4 per step, 2 steps: one process × 4 sequences, or 2 processes × 2 micro-batches of 1.
@@ -27,21 +25,8 @@ TWO = {"batch_size": 1, "grad_accum": 2}
 LONGER = [(12, 345), (6789, 1), (2, 3), (40, 50), (123, 4), (5, 5), (99, 1), (7, 777)]
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 def _worker(rank: int, world: int, port: int, config: SFTConfig) -> None:
-    os.environ.update(
-        RANK=str(rank),
-        LOCAL_RANK=str(rank),
-        WORLD_SIZE=str(world),
-        MASTER_ADDR="127.0.0.1",
-        MASTER_PORT=str(port),
-    )
-    torch.set_num_threads(1)
+    become_rank(rank, world, port)
     train(config)
 
 
@@ -55,7 +40,7 @@ def test_two_processes_make_the_update_of_one_with_the_same_global_batch(tmp_pat
     single = train(one)
     # fork, not spawn: the workers inherit the imported modules instead of re-importing torch and transformers.
     workers = mp.start_processes(
-        _worker, args=(2, _free_port(), two), nprocs=2, join=False, start_method="fork"
+        _worker, args=(2, free_port(), two), nprocs=2, join=False, start_method="fork"
     )
     deadline = time.monotonic() + 300
     while not workers.join(timeout=1.0):  # raises if a worker failed

@@ -9,8 +9,6 @@ in the DAPO case each process has one prompt, and one of them keeps nothing.
 
 from __future__ import annotations
 
-import os
-import socket
 import time
 from pathlib import Path
 
@@ -21,6 +19,7 @@ import torch.multiprocessing as mp
 from npr.train.config import RLConfig
 from npr.train.loop import read_metrics
 from npr.train.rl import train
+from tests.train.dist import become_rank, free_port
 from tests.train.test_rl import (
     FORKS,
     FORKS_TOO,
@@ -40,21 +39,8 @@ CASES = {
 }
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 def _worker(rank: int, world: int, port: int, config: RLConfig, shapes: dict[str, str]) -> None:
-    os.environ.update(
-        RANK=str(rank),
-        LOCAL_RANK=str(rank),
-        WORLD_SIZE=str(world),
-        MASTER_ADDR="127.0.0.1",
-        MASTER_PORT=str(port),
-    )
-    torch.set_num_threads(1)
+    become_rank(rank, world, port)
     train(config, check=varied_check, logits_processors=[scripted(shapes)])
 
 
@@ -78,7 +64,7 @@ def test_two_processes_make_the_update_of_one_with_the_same_global_batch(tmp_pat
     # fork, not spawn: the workers inherit the imported modules (a spawned worker re-imports torch and
     # transformers, many seconds on a busy machine); each uses one thread, as DataLoader workers do.
     workers = mp.start_processes(
-        _worker, args=(2, _free_port(), two, shapes), nprocs=2, join=False, start_method="fork"
+        _worker, args=(2, free_port(), two, shapes), nprocs=2, join=False, start_method="fork"
     )
     deadline = time.monotonic() + 300
     while not workers.join(timeout=1.0):  # raises if a worker failed

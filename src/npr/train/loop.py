@@ -371,3 +371,13 @@ def recipe_main(train: Callable[[Any], Path], config_cls: type, module: str, arg
     final = train(load_config(args[0], config_cls))
     if int(os.environ.get("RANK", "0")) == 0:
         print(final)
+
+
+def finish_run(checkpoint: Callable[[int], None], start: int, total: int, out_dir: str | Path) -> Path:
+    """Save the final checkpoint (unless the run resumed from it), leave the process group, return its path."""
+    from npr.train.checkpoint import checkpoint_name
+
+    if start < total:  # else the run was complete and resumed from its final checkpoint
+        checkpoint(total)
+    close_distributed()
+    return Path(out_dir) / checkpoint_name(total)

@@ -56,15 +56,14 @@ from npr.layout import LayoutError, build_layout
 from npr.rewards import AnswerCheck, format_penalty_batch, stage1_reward_batch, stage3_reward_batch
 from npr.tasks import task_check
 from npr.train.advantages import compute_advantages, dynamic_sampling_mask
-from npr.train.checkpoint import checkpoint_name
 from npr.train.config import RLConfig
 from npr.train.loop import (
     MetricLogger,
     all_reduce_sum,
     build_optimizer,
     clip_gradients,
-    close_distributed,
     device_for,
+    finish_run,
     init_distributed,
     is_distributed,
     load_train_model,
@@ -494,10 +493,7 @@ def train(
             if config.save_every and done % config.save_every == 0 and done < config.max_steps:
                 checkpoint(done)
         bar.close()
-    if start < config.max_steps:  # else the run was complete and resumed from its final checkpoint
-        checkpoint(config.max_steps)
-    close_distributed()
-    return Path(config.out_dir) / checkpoint_name(config.max_steps)
+    return finish_run(checkpoint, start, config.max_steps, config.out_dir)
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -27,7 +27,6 @@ import torch
 
 from npr.data import DataError, PromptStyle, build_prompt, iter_jsonl
 from npr.format import FormatError, TagIds
-from npr.train.checkpoint import checkpoint_name
 from npr.train.config import ConfigError, SFTConfig
 from npr.train.loop import (
     MetricLogger,
@@ -35,8 +34,8 @@ from npr.train.loop import (
     build_optimizer,
     build_scheduler,
     clip_gradients,
-    close_distributed,
     device_for,
+    finish_run,
     grad_sync,
     init_distributed,
     layout_logits,
@@ -251,10 +250,7 @@ def train(config: SFTConfig) -> Path:
             if config.save_every and done % config.save_every == 0 and done < plan.total_steps:
                 checkpoint(done)
         bar.close()
-    if start < plan.total_steps:  # else the run was complete and resumed from its final checkpoint
-        checkpoint(plan.total_steps)
-    close_distributed()
-    return Path(config.out_dir) / checkpoint_name(plan.total_steps)
+    return finish_run(checkpoint, start, plan.total_steps, config.out_dir)
 
 
 def main(argv: list[str] | None = None) -> None:
