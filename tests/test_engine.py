@@ -526,14 +526,22 @@ def test_prompts_with_tag_ids_are_refused_and_leave_nothing_queued(setup):
     assert tags.step_open not in engine.encode_prompt("write <step> like this")  # text keeps tags as text
 
 
+def fails_after(length: int):
+    """A logits processor that raises once a row sees more than `length` ids (a buggy user callable)."""
+
+    def boom(visible: list[int], logits: torch.Tensor) -> torch.Tensor:
+        if len(visible) > length:
+            raise RuntimeError("processor bug")
+        return logits
+
+    return boom
+
+
 def test_a_failing_logits_processor_leaves_no_stuck_request(setup):
     model, tok, tags, engine = setup
     (p,) = prompts(tok, 1)
 
-    def boom(visible: list[int], logits: torch.Tensor) -> torch.Tensor:
-        if len(visible) > len(p) + 2:
-            raise RuntimeError("processor bug")
-        return logits
+    boom = fails_after(len(p) + 2)
 
     with pytest.raises(RuntimeError, match="processor bug"):
         engine.generate([p], SamplingParams(max_new_tokens=8, logits_processors=[boom]))
@@ -603,10 +611,7 @@ def test_a_failing_processor_in_a_raw_step_loop_ends_only_its_request(setup):
     model, tok, tags, engine = setup
     (p,) = prompts(tok, 1)
 
-    def boom(visible: list[int], logits: torch.Tensor) -> torch.Tensor:
-        if len(visible) > len(p) + 2:
-            raise RuntimeError("processor bug")
-        return logits
+    boom = fails_after(len(p) + 2)
 
     (bad,) = engine.add_request(p, SamplingParams(max_new_tokens=8, logits_processors=[boom]))
     (good,) = engine.add_request(p, SamplingParams(max_new_tokens=8, seed=0))
