@@ -45,6 +45,10 @@ class SeedSpec(_Strict):
         default_factory=lambda: {"hidden_size": 128, "num_hidden_layers": 4, "num_attention_heads": 4},
         description="Size of the random Qwen3 the seed is trained from (`npr.model.tiny_model` arguments).",
     )
+    init_from: str | None = Field(
+        default=None,
+        description="Continue training this checkpoint instead of a random Qwen3 (e.g. to refresh a seed's data).",
+    )
     examples: int = Field(default=20000, ge=1, description="Training examples generated for the seed.")
     noisy_fraction: float = Field(
         default=0.2, ge=0, le=1, description="Share of examples that are noisy format attempts."
@@ -65,6 +69,9 @@ class EvalSpec(_Strict):
     temperature: float = Field(default=1.0, ge=0, description="Paper: 1.0.")
     top_p: float = Field(default=0.7, gt=0, le=1, description="Paper: 0.7.")
     max_new_tokens: int = Field(default=512, ge=1)
+    latency_problems: int = Field(
+        default=20, ge=1, description="Problems decoded one at a time (one sample each) to time latency."
+    )
 
 
 class PipelineConfig(_Strict):
@@ -96,10 +103,13 @@ def load_pipeline_config(path: str | Path, **overrides: Any) -> PipelineConfig:
     except (OSError, yaml.YAMLError, ValueError) as e:
         raise ConfigError(f"{path}: {e}") from e
     seed = config.seed_model
-    if seed.checkpoint and not Path(seed.checkpoint).is_absolute():  # relative to the config file
-        checkpoint = str(Path(path).resolve().parent / seed.checkpoint)
-        config = config.model_copy(update={"seed_model": seed.model_copy(update={"checkpoint": checkpoint})})
-    return config
+    here = Path(path).resolve().parent
+    paths = {  # relative to the config file
+        key: str(here / value)
+        for key in ("checkpoint", "init_from")
+        if (value := getattr(seed, key)) and not Path(value).is_absolute()
+    }
+    return config.model_copy(update={"seed_model": seed.model_copy(update=paths)})
 
 
 def _atomic_write(path: Path, text: str) -> None:
@@ -174,13 +184,17 @@ class Pipeline:
             return c.checkpoint
 
         def run(folder: Path) -> dict[str, Any]:
-            from npr.model import save_model, tiny_model
+            from npr.model import load_model, save_model, tiny_model
             from npr.train import sft
 
-            model, tokenizer = tiny_model(seed=self.config.seed, **c.init)
-            init = folder / "init"
-            if not init.exists():
-                save_model(model, tokenizer, init)
+            if c.init_from:
+                init = Path(c.init_from)
+                tokenizer = load_model(init)[1]
+            else:
+                model, tokenizer = tiny_model(seed=self.config.seed, **c.init)
+                init = folder / "init"
+                if not init.exists():
+                    save_model(model, tokenizer, init)
             data = folder / "data.jsonl"
             if not data.exists():
                 self.seed_data(data, tokenizer)
@@ -278,15 +292,25 @@ class Pipeline:
 
         return str(self._stage("rejection", run)["data"])
 
-    def train_all(self) -> dict[str, str]:
-        """Every model of the comparison, trained (or found cached)."""
-        models = {"seed": self.stage_seed()}
-        models["npr_zero"] = self._rl("npr_zero", models["seed"])
-        accepted = self.stage_rejection(models["npr_zero"])
-        models["npr_beta"] = self._sft("npr_beta", models["seed"], accepted)
-        models["sr_beta"] = self._sft("sr_beta", models["seed"], accepted)
-        models["npr"] = self._rl("npr", models["npr_beta"])
-        models["sr"] = self._rl("sr", models["seed"])
+    def train_all(self, until: str | None = None) -> dict[str, str]:
+        """Every model of the comparison, trained (or found cached); `until` stops after that stage."""
+        if until is not None and until not in STAGES:
+            raise ValueError(f"until must be one of {STAGES}, got {until!r}")
+        models: dict[str, str] = {}
+        steps: list[tuple[str, Callable[[], str]]] = [
+            ("seed", self.stage_seed),
+            ("npr_zero", lambda: self._rl("npr_zero", models["seed"])),
+            ("rejection", lambda: self.stage_rejection(models["npr_zero"])),
+            ("npr_beta", lambda: self._sft("npr_beta", models["seed"], models["rejection"])),
+            ("sr_beta", lambda: self._sft("sr_beta", models["seed"], models["rejection"])),
+            ("npr", lambda: self._rl("npr", models["npr_beta"])),
+            ("sr", lambda: self._rl("sr", models["seed"])),
+        ]
+        for stage, run in steps:
+            models[stage] = run()
+            if stage == until:
+                break
+        models.pop("rejection", None)  # accepted traces, not a model
         return models
 
     def run(self) -> dict[str, Any]:
@@ -300,9 +324,12 @@ class Pipeline:
     # ---------------------------------------------------------------------------------- evaluation
 
     def evaluate(self, name: str, model_path: str) -> dict[str, Any]:
-        """avg@k accuracy (answer only), all-intermediates-correct rate and timing of one model."""
+        """avg@k accuracy (answer only), all-intermediates-correct rate and timing of one model.
+
+        TPS comes from the batched run; latency from decoding the first problems one at a time.
+        """
         from npr.engine import ParallelEngine
-        from npr.eval.harness import PromptSpec, evaluate, paper_params
+        from npr.eval.harness import PromptSpec, evaluate, paper_params, solo_latencies
         from npr.eval.report import load_summary
         from npr.model import load_model
 
@@ -321,8 +348,9 @@ class Pipeline:
             spec.k, temperature=spec.temperature, top_p=spec.top_p, max_new_tokens=spec.max_new_tokens
         )
         params.seed = self.config.seed
+        engine = ParallelEngine(model, tokenizer)
         result = evaluate(
-            ParallelEngine(model, tokenizer),
+            engine,
             examples,
             k=spec.k,
             params=params,
@@ -334,7 +362,12 @@ class Pipeline:
         )
         golds = [ex for ex in examples for _ in range(spec.k)]
         full = [self.task.check(r.text, ex) for r, ex in zip(result.run.rollouts, golds, strict=True)]
-        extra = {"intermediates": sum(full) / len(full), "mode": mode}
+        solo = solo_latencies(engine, examples[: spec.latency_problems], params, mode, prompt)  # type: ignore[arg-type]
+        extra = {
+            "intermediates": sum(full) / len(full),
+            "mode": mode,
+            "latency_solo_s": sum(solo) / len(solo),
+        }
         _atomic_write(cached, json.dumps(extra))
         return {"summary": load_summary(out), **extra}
 

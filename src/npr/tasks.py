@@ -84,25 +84,35 @@ def parallel_solution(ex: Example) -> str:
     return render(Trajectory((Block(plans, steps, _decision(groups)),), f"\\boxed{{{ex.answer}}}"))
 
 
-def noisy_attempt(ex: Example, rng: random.Random) -> str:
-    """A format attempt with the right content but a broken structure (seed data: never a clean trace).
+NOISE = {"merged_plan": 0.2, "lumped_steps": 0.2, "unclosed_step": 0.15, "no_takeaway": 0.3}
+"""Chance of each independent flaw in a noisy format attempt (`unclosed_step` is drawn per step)."""
 
-    One of: all groups lumped into one step under several plans; one merged plan; no takeaway; a step
-    left unclosed.
+
+def noisy_attempt(ex: Example, rng: random.Random) -> str:
+    """A format attempt with the right content and at least one flaw (seed data: never a clean trace).
+
+    Each flaw is drawn on its own (one merged plan, or all chains lumped into one step; each step left
+    unclosed; no takeaway), and a draw with none is redrawn. Independent flaws matter: a seed that learned
+    whole fixed kinds of broken trace never samples a clean one, so format RL has nothing to reinforce,
+    while a seed that learned each flaw's own rate writes a clean trace now and then.
     """
     groups = _groups(ex)
     chains = [_chain(LABELS[i], g) for i, g in enumerate(groups)]
-    plans = "".join(f"<plan>{i + 1}: sum {LABELS[i]}</plan>" for i in range(len(groups)))
-    steps = "".join(f"<step>{i + 1}: {c}</step>" for i, c in enumerate(chains))
-    end = f"<takeaway>{_decision(groups)}</takeaway>\\boxed{{{ex.answer}}}"
-    kind = rng.randrange(4)
-    if kind == 0:
-        return f"<guideline>{plans}</guideline><step>1: {' '.join(chains)}</step>{end}"
-    if kind == 1:
-        return f"<guideline><plan>1: sum all</plan></guideline>{steps}{end}"
-    if kind == 2:
-        return f"<guideline>{plans}</guideline>{steps}\\boxed{{{ex.answer}}}"
-    return f"<guideline>{plans}</guideline>{steps[: -len('</step>')]}{end}"
+    while True:
+        flaw = {name: rng.random() < p for name, p in NOISE.items() if name != "unclosed_step"}
+        flaw["lumped_steps"] &= not flaw["merged_plan"]  # both at once would be a legal one-plan trace
+        steps = [" ".join(chains)] if flaw["lumped_steps"] else chains
+        unclosed = [rng.random() < NOISE["unclosed_step"] for _ in steps]
+        if any(flaw.values()) or any(unclosed):
+            break
+    names = ["all"] if flaw["merged_plan"] else list(LABELS[: len(groups)])
+    plans = "".join(f"<plan>{i + 1}: sum {name}</plan>" for i, name in enumerate(names))
+    body = "".join(
+        f"<step>{i + 1}: {text}{'' if cut else '</step>'}"
+        for i, (text, cut) in enumerate(zip(steps, unclosed, strict=True))
+    )
+    takeaway = "" if flaw["no_takeaway"] else f"<takeaway>{_decision(groups)}</takeaway>"
+    return f"<guideline>{plans}</guideline>{body}{takeaway}\\boxed{{{ex.answer}}}"
 
 
 def check_group_max(text: str, ex: Example) -> bool:

@@ -41,7 +41,7 @@ TINY = {
         "lr": 1e-4,
     },
     "sr": {"prompts_per_step": 2, "rollouts_per_prompt": 2, "max_steps": 1, "max_new_tokens": 48, "lr": 1e-4},
-    "eval": {"problems": 3, "k": 2, "max_new_tokens": 48},
+    "eval": {"problems": 3, "k": 2, "max_new_tokens": 48, "latency_problems": 2},
 }
 
 
@@ -58,6 +58,7 @@ def test_reduced_pipeline_runs_every_stage_and_writes_the_report(tmp_path):
         assert {"accuracy", "parallel_rate", "tps", "speedup_tps", "speedup_latency"} <= set(row)
         assert 0 <= row["accuracy"] <= 1 and row["tps"] > 0
     assert report["seed"]["speedup_tps"] == 1.0 and report["seed"]["parallel_rate"] == 0.0
+    assert report["seed"]["speedup_latency"] == 1.0 and all(r["latency_s"] > 0 for r in report.values())
     for stage in STAGES:
         assert (tmp_path / "runs" / stage / "done.json").exists()
     for name in ("report.md", "curves.png", "samples.html"):
@@ -65,6 +66,29 @@ def test_reduced_pipeline_runs_every_stage_and_writes_the_report(tmp_path):
     # A re-run finds every stage and evaluation cached.
     again = Pipeline(load_pipeline_config(config), from_scratch=True, log=lambda _: None)
     assert again.run() == report
+
+
+def test_until_stops_after_the_named_stage_without_a_report(tmp_path):
+    config = tmp_path / "tiny.yaml"
+    config.write_text(
+        yaml.safe_dump({**TINY, "run_dir": str(tmp_path / "runs"), "out_dir": str(tmp_path / "out")})
+    )
+    result = CliRunner().invoke(app, ["pipeline", str(config), "--until", "seed"])
+    assert result.exit_code == 0, result.output
+    assert "seed: " in result.output
+    assert (tmp_path / "runs" / "seed" / "done.json").exists()
+    assert not (tmp_path / "runs" / "npr_zero").exists() and not (tmp_path / "out").exists()
+
+
+def test_until_names_the_stages_when_given_an_unknown_one(tmp_path):
+    config = tmp_path / "tiny.yaml"
+    config.write_text(
+        yaml.safe_dump({**TINY, "run_dir": str(tmp_path / "runs"), "out_dir": str(tmp_path / "out")})
+    )
+    result = CliRunner().invoke(app, ["pipeline", str(config), "--until", "seeds"])
+    assert result.exit_code == 2
+    assert "'seeds' is not a stage" in result.output and "npr_zero" in result.output
+    assert not (tmp_path / "runs").exists()
 
 
 def test_the_shipped_demo_config_validates_every_stage():

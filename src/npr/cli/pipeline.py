@@ -13,8 +13,8 @@ from npr.cli import app
 DEMO_CONFIG = files("npr").joinpath("assets", "demo.yaml")
 
 
-def _run(config: Path, from_scratch: bool, overrides: dict) -> None:
-    from npr.pipeline import Pipeline, load_pipeline_config
+def _run(config: Path, from_scratch: bool, overrides: dict, until: str | None = None) -> None:
+    from npr.pipeline import STAGES, Pipeline, load_pipeline_config
     from npr.report import markdown
     from npr.train.config import ConfigError
 
@@ -23,8 +23,16 @@ def _run(config: Path, from_scratch: bool, overrides: dict) -> None:
     except ConfigError as e:
         typer.echo(f"error: {e}", err=True)
         raise typer.Exit(2) from e
-    table = Pipeline(cfg, from_scratch=from_scratch, log=typer.echo).run()
-    typer.echo(markdown(table, cfg.eval.k, cfg.eval.problems))
+    if until is not None and until not in STAGES:
+        typer.echo(f"error: --until {until!r} is not a stage; stages: {', '.join(STAGES)}", err=True)
+        raise typer.Exit(2)
+    pipe = Pipeline(cfg, from_scratch=from_scratch, log=typer.echo)
+    if until is not None:
+        for name, path in pipe.train_all(until).items():
+            typer.echo(f"{name}: {path}")
+        return
+    table = pipe.run()
+    typer.echo(markdown(table, cfg.eval.k, cfg.eval.problems, cfg.eval.latency_problems))
     typer.echo(f"report: {cfg.out_dir}/report.md, report.json, curves.png, samples.html")
 
 
@@ -32,9 +40,13 @@ def _run(config: Path, from_scratch: bool, overrides: dict) -> None:
 def pipeline(
     config: Annotated[Path, typer.Argument(help="Pipeline YAML (see configs/demo.yaml).")],
     from_scratch: Annotated[bool, typer.Option(help="Train the seed even if the config names one.")] = False,
+    until: Annotated[
+        str | None,
+        typer.Option(help="Stop after this stage (no evaluation), e.g. 'seed' to train only the seed."),
+    ] = None,
 ) -> None:
     """Run every stage (seed, NPR-Zero, rejection, NPR-Beta, SR-Beta, NPR, SR), evaluate, report."""
-    _run(config, from_scratch, {})
+    _run(config, from_scratch, {}, until)
 
 
 @app.command()

@@ -186,6 +186,32 @@ def _warm_up(
         engine.generate([prompt.build(engine, example.question, mode)], short, mode)
 
 
+def solo_latencies(
+    engine: ParallelEngine,
+    examples: Sequence[Example],
+    params: SamplingParams,
+    mode: Mode,
+    prompt: PromptSpec | None = None,
+) -> list[float]:
+    """Per problem: wall seconds to decode one sample with nothing else in the engine.
+
+    Latency is what one user waits for one answer; in a batched run it also counts the other requests'
+    compute, which on a small CPU hides the gain of decoding branches side by side. So it is measured
+    here at concurrency 1, after an untimed warm-up.
+    """
+    prompt = prompt or PromptSpec()
+    one = dataclasses.replace(params, n=1)
+    if examples:
+        _warm_up(engine, examples[0], one, [mode], prompt)
+    out = []
+    for ex in examples:
+        ids = prompt.build(engine, ex.question, mode)
+        start = time.perf_counter()
+        engine.generate([ids], one, mode)
+        out.append(time.perf_counter() - start)
+    return out
+
+
 def check_run(mode: str, baseline: str | None, k: int) -> None:
     """Reject a bad mode, baseline or k before any model is loaded."""
     if mode not in ("parallel", "sequential"):

@@ -1,0 +1,60 @@
+"""`group_max`: the verifier checks every intermediate result; noisy attempts are never clean."""
+
+import random
+
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from npr.format import Block, Item, Trajectory, check, parse, render
+from npr.tasks import check_group_max, make_group_max, noisy_attempt, parallel_solution, sequential_solution
+
+problems = st.integers(0, 10_000).map(lambda seed: make_group_max(1, seed=seed)[0])
+
+
+@given(problems)
+def test_both_solutions_pass_and_the_parallel_one_is_well_formed(ex):
+    assert check_group_max(sequential_solution(ex), ex)
+    trace = parallel_solution(ex)
+    assert check(trace).ok and check_group_max(trace, ex)
+    assert len(parse(trace).blocks[0].plans) == len(ex.meta["groups"])
+
+
+@given(problems, st.data())
+def test_one_wrong_intermediate_sum_fails_even_with_the_right_answer(ex, data):
+    text = sequential_solution(ex)
+    equations = [i for i, ch in enumerate(text) if ch == "="]
+    at = data.draw(st.sampled_from(equations))
+    end = at + 1
+    while text[end].isdigit():
+        end += 1
+    wrong = text[: at + 1] + str(int(text[at + 1 : end]) + 1) + text[end:]
+    assert not check_group_max(wrong, ex)
+
+
+def test_a_merged_plan_with_the_right_answer_is_rejected():
+    ex = make_group_max(1, seed=5)[0]
+    clean = parse(parallel_solution(ex))
+    block = clean.blocks[0]
+    lumped = Item("1", " ".join(step.text for step in block.steps))
+    merged = render(Trajectory((Block((Item("1", "sum all"),), (lumped,), block.takeaway),), clean.final))
+    assert check(merged).ok and not check_group_max(merged, ex)
+
+
+@settings(max_examples=300)
+@given(problems, st.integers(0, 2**32 - 1))
+def test_a_noisy_attempt_is_never_a_clean_trace_but_keeps_the_right_answer(ex, seed):
+    text = noisy_attempt(ex, random.Random(seed))
+    assert not check(text).ok
+    assert text.endswith(f"\\boxed{{{ex.answer}}}")
+
+
+def test_noisy_attempts_draw_each_flaw_on_its_own():
+    """Every flaw shows up alone, so a seed sees clean parts next to each broken one."""
+    rng = random.Random(0)
+    seen = set()
+    for ex in make_group_max(400, seed=1):
+        codes = frozenset(issue.code for issue in check(noisy_attempt(ex, rng)).issues)
+        seen.add(codes)
+    assert frozenset({"step_count"}) in seen  # merged plan or lumped steps, nothing else wrong
+    assert any("nested_tag" in codes for codes in seen)  # a step left open before the next one
+    assert any("unclosed" in codes for codes in seen)  # no takeaway: the block never closes
