@@ -58,3 +58,16 @@ def test_noisy_attempts_draw_each_flaw_on_its_own():
     assert frozenset({"step_count"}) in seen  # merged plan or lumped steps, nothing else wrong
     assert any("nested_tag" in codes for codes in seen)  # a step left open before the next one
     assert any("unclosed" in codes for codes in seen)  # no takeaway: the block never closes
+    assert frozenset({"stray_text"}) in seen  # right structure, " then " between two steps
+    assert frozenset({"missing_id", "step_id_mismatch"}) in seen  # right structure, a step without its ID
+
+
+def test_small_flaws_score_above_every_structural_one():
+    """So format RL, climbing the graded penalty, moves towards the right structure."""
+    rng = random.Random(0)
+    by_kind: dict[bool, list[float]] = {True: [], False: []}
+    for ex in make_group_max(400, seed=2):
+        report = check(noisy_attempt(ex, rng))
+        small = {issue.code for issue in report.issues} <= {"stray_text", "missing_id", "step_id_mismatch"}
+        by_kind[small].append(report.penalty)
+    assert min(by_kind[True]) > max(by_kind[False])

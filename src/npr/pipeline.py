@@ -53,6 +53,12 @@ class SeedSpec(_Strict):
     noisy_fraction: float = Field(
         default=0.2, ge=0, le=1, description="Share of examples that are noisy format attempts."
     )
+    shuffled_fraction: float = Field(
+        default=0.5,
+        ge=0,
+        le=1,
+        description="Share of worked solutions that take the groups in a random order.",
+    )
     sft: dict[str, Any] = Field(default_factory=dict, description="SFTConfig fields for the seed's training.")
 
 
@@ -172,7 +178,11 @@ class Pipeline:
         lines = []
         for ex in load_task(c.task, c.seed_model.examples, seed=c.seed + 20_000):
             noisy = rng.random() < c.seed_model.noisy_fraction
-            response = noisy_attempt(ex, rng) if noisy else sequential_solution(ex)
+            if noisy:
+                response = noisy_attempt(ex, rng)
+            else:
+                shuffled = rng.random() < c.seed_model.shuffled_fraction
+                response = sequential_solution(ex, rng if shuffled else None)
             prompt = build_prompt(tokenizer, ex.question, parallel=noisy, style=c.prompt_style)
             lines.append(json.dumps({"question": ex.question, "response": response, "prompt_ids": prompt}))
         _atomic_write(path, "\n".join(lines) + "\n")

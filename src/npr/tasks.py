@@ -56,12 +56,16 @@ def make_group_max(
 
 
 def _chain(label: str, numbers: list[int]) -> str:
-    """Running-sum chain, e.g. "3+1=4 4+4=8 8+1=9 9+5=14 so A=14"."""
+    """Running-sum chain that names its group first, e.g. "A: 3+1=4 4+4=8 8+1=9 9+5=14 so A=14".
+
+    The leading label matters in a parallel step: the branch cannot see its siblings, so the label is
+    what tells it which group of the question to copy, as it does in the sequential solution.
+    """
     total, eqs = numbers[0], []
     for x in numbers[1:]:
         eqs.append(f"{total}+{x}={total + x}")
         total += x
-    return f"{' '.join(eqs)} so {label}={total}"
+    return f"{label}: {' '.join(eqs)} so {label}={total}"
 
 
 def _decision(groups: list[list[int]]) -> str:
@@ -69,10 +73,17 @@ def _decision(groups: list[list[int]]) -> str:
     return f"max({','.join(map(str, sums))})={max(sums)}"
 
 
-def sequential_solution(ex: Example) -> str:
-    """The plain worked solution the seed model learns from."""
+def sequential_solution(ex: Example, rng: random.Random | None = None) -> str:
+    """The plain worked solution the seed model learns from; with `rng`, the groups in a random order.
+
+    Random orders teach the seed to find a group in the question by its label rather than by where the
+    line stands, which is what a parallel step (all branches start at the same position) needs.
+    """
     groups = _groups(ex)
-    lines = [f"{LABELS[i]}: {_chain(LABELS[i], g)}." for i, g in enumerate(groups)]
+    order = list(range(len(groups)))
+    if rng is not None:
+        rng.shuffle(order)
+    lines = [f"{_chain(LABELS[i], groups[i])}." for i in order]
     return " ".join(lines) + f" {_decision(groups)} \\boxed{{{ex.answer}}}"
 
 
@@ -84,33 +95,42 @@ def parallel_solution(ex: Example) -> str:
     return render(Trajectory((Block(plans, steps, _decision(groups)),), f"\\boxed{{{ex.answer}}}"))
 
 
-NOISE = {"merged_plan": 0.2, "lumped_steps": 0.2, "unclosed_step": 0.15, "no_takeaway": 0.3}
-"""Chance of each independent flaw in a noisy format attempt (`unclosed_step` is drawn per step)."""
+NOISE = {"merged_plan": 0.15, "lumped_steps": 0.15, "unclosed_step": 0.1, "no_takeaway": 0.2}
+"""Chance of each independent structural flaw of a noisy attempt (`unclosed_step` is drawn per step)."""
+SMALL_FLAWS = ("stray_text", "missing_id")
+"""A flaw one of which every attempt with a right structure gets: " then " between two steps, or a step
+without its "ID:" (format penalties -0.2 and -0.8, milder than any structural flaw)."""
 
 
 def noisy_attempt(ex: Example, rng: random.Random) -> str:
     """A format attempt with the right content and at least one flaw (seed data: never a clean trace).
 
-    Each flaw is drawn on its own (one merged plan, or all chains lumped into one step; each step left
-    unclosed; no takeaway), and a draw with none is redrawn. Independent flaws matter: a seed that learned
-    whole fixed kinds of broken trace never samples a clean one, so format RL has nothing to reinforce,
-    while a seed that learned each flaw's own rate writes a clean trace now and then.
+    Each structural flaw is drawn on its own (one merged plan, or all chains lumped into one step; each
+    step left unclosed; no takeaway); an attempt that drew none gets one small flaw at a random step.
+    Independent flaws matter: a seed that learned whole fixed kinds of broken trace never samples a clean
+    one, so format RL has nothing to reinforce. Small flaws matter too: under the graded penalty an
+    attempt with the right structure then scores above a merged plan, so RL moves towards the structure.
     """
     groups = _groups(ex)
     chains = [_chain(LABELS[i], g) for i, g in enumerate(groups)]
-    while True:
-        flaw = {name: rng.random() < p for name, p in NOISE.items() if name != "unclosed_step"}
-        flaw["lumped_steps"] &= not flaw["merged_plan"]  # both at once would be a legal one-plan trace
-        steps = [" ".join(chains)] if flaw["lumped_steps"] else chains
-        unclosed = [rng.random() < NOISE["unclosed_step"] for _ in steps]
-        if any(flaw.values()) or any(unclosed):
-            break
+    flaw = {name: rng.random() < p for name, p in NOISE.items() if name != "unclosed_step"}
+    flaw["lumped_steps"] &= not flaw["merged_plan"]  # both at once would be a legal one-plan trace
+    steps = [" ".join(chains)] if flaw["lumped_steps"] else chains
+    unclosed = [rng.random() < NOISE["unclosed_step"] for _ in steps]
+    small: str | None = rng.choice(SMALL_FLAWS)
+    at = rng.randrange(len(steps))
+    if any(flaw.values()) or any(unclosed):
+        small = None
+    elif small == "stray_text" and len(steps) > 1:
+        at = rng.randrange(1, len(steps))  # text between two steps
     names = ["all"] if flaw["merged_plan"] else list(LABELS[: len(groups)])
     plans = "".join(f"<plan>{i + 1}: sum {name}</plan>" for i, name in enumerate(names))
-    body = "".join(
-        f"<step>{i + 1}: {text}{'' if cut else '</step>'}"
-        for i, (text, cut) in enumerate(zip(steps, unclosed, strict=True))
-    )
+    body = ""
+    for i, (text, cut) in enumerate(zip(steps, unclosed, strict=True)):
+        if i == at and small == "stray_text":
+            body += " then "
+        step_id = "" if i == at and small == "missing_id" else f"{i + 1}: "
+        body += f"<step>{step_id}{text}{'' if cut else '</step>'}"
     takeaway = "" if flaw["no_takeaway"] else f"<takeaway>{_decision(groups)}</takeaway>"
     return f"<guideline>{plans}</guideline>{body}{takeaway}\\boxed{{{ex.answer}}}"
 

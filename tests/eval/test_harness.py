@@ -194,4 +194,4 @@ def test_solo_latencies_time_each_problem_alone_and_leave_the_engine_empty(engin
     params = SamplingParams(n=4, max_new_tokens=12, seed=0)  # n is ignored: one sample per problem
     times = solo_latencies(engine, problems, params, "parallel")
     assert len(times) == 2 and all(t > 0 for t in times)
-    assert not engine.has_work()
+    assert not engine.has_work
