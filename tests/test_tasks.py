@@ -19,6 +19,15 @@ def test_both_solutions_pass_and_the_parallel_one_is_well_formed(ex):
     assert len(parse(trace).blocks[0].plans) == len(ex.meta["groups"])
 
 
+@given(problems, st.integers(0, 2**32 - 1))
+def test_a_solution_in_any_group_order_passes(ex, seed):
+    text = sequential_solution(ex, random.Random(seed))
+    assert check_group_max(text, ex)
+    assert sorted(text.split(" max(")[0].split(". ")) == sorted(
+        sequential_solution(ex).split(" max(")[0].split(". ")
+    )
+
+
 @given(problems, st.data())
 def test_one_wrong_intermediate_sum_fails_even_with_the_right_answer(ex, data):
     text = sequential_solution(ex)

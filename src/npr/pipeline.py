@@ -54,7 +54,7 @@ class SeedSpec(_Strict):
         default=0.2, ge=0, le=1, description="Share of examples that are noisy format attempts."
     )
     shuffled_fraction: float = Field(
-        default=0.5,
+        default=0.0,
         ge=0,
         le=1,
         description="Share of worked solutions that take the groups in a random order.",
@@ -181,7 +181,8 @@ class Pipeline:
             if noisy:
                 response = noisy_attempt(ex, rng)
             else:
-                shuffled = rng.random() < c.seed_model.shuffled_fraction
+                fraction = c.seed_model.shuffled_fraction
+                shuffled = fraction > 0 and rng.random() < fraction  # no draw at 0: same data as before
                 response = sequential_solution(ex, rng if shuffled else None)
             prompt = build_prompt(tokenizer, ex.question, parallel=noisy, style=c.prompt_style)
             lines.append(json.dumps({"question": ex.question, "response": response, "prompt_ids": prompt}))
