@@ -307,22 +307,21 @@ class Pipeline:
         """Every model of the comparison, trained (or found cached); `until` stops after that stage."""
         if until is not None and until not in STAGES:
             raise ValueError(f"until must be one of {STAGES}, got {until!r}")
-        models: dict[str, str] = {}
+        out: dict[str, str] = {}  # stage -> its model (rejection: its accepted traces)
         steps: list[tuple[str, Callable[[], str]]] = [
             ("seed", self.stage_seed),
-            ("npr_zero", lambda: self._rl("npr_zero", models["seed"])),
-            ("rejection", lambda: self.stage_rejection(models["npr_zero"])),
-            ("npr_beta", lambda: self._sft("npr_beta", models["seed"], models["rejection"])),
-            ("sr_beta", lambda: self._sft("sr_beta", models["seed"], models["rejection"])),
-            ("npr", lambda: self._rl("npr", models["npr_beta"])),
-            ("sr", lambda: self._rl("sr", models["seed"])),
+            ("npr_zero", lambda: self._rl("npr_zero", out["seed"])),
+            ("rejection", lambda: self.stage_rejection(out["npr_zero"])),
+            ("npr_beta", lambda: self._sft("npr_beta", out["seed"], out["rejection"])),
+            ("sr_beta", lambda: self._sft("sr_beta", out["seed"], out["rejection"])),
+            ("npr", lambda: self._rl("npr", out["npr_beta"])),
+            ("sr", lambda: self._rl("sr", out["seed"])),
         ]
         for stage, run in steps:
-            models[stage] = run()
+            out[stage] = run()
             if stage == until:
                 break
-        models.pop("rejection", None)  # accepted traces, not a model
-        return models
+        return {name: out[name] for name in MODELS if name in out}
 
     def run(self) -> dict[str, Any]:
         """Train everything, evaluate everything, write the report; returns report.json's content."""
@@ -340,7 +339,7 @@ class Pipeline:
         TPS comes from the batched run; latency from decoding the first problems one at a time.
         """
         from npr.engine import ParallelEngine
-        from npr.eval.harness import PromptSpec, evaluate, paper_params, solo_latencies
+        from npr.eval.harness import Mode, PromptSpec, evaluate, paper_params, solo_latencies
         from npr.eval.report import load_summary
         from npr.model import load_model
 
@@ -350,7 +349,7 @@ class Pipeline:
             self.log(f"[eval {name}] cached")
             return {"summary": load_summary(out), **json.loads(cached.read_text())}
         spec = self.config.eval
-        mode = "parallel" if name in ("npr_beta", "npr") else "sequential"
+        mode: Mode = "parallel" if name in ("npr_beta", "npr") else "sequential"
         # NPR-Zero writes the format while decoding sequentially: it is prompted as it was trained.
         prompt = PromptSpec(format=True if name == "npr_zero" else None, style=self.config.prompt_style)
         model, tokenizer = load_model(model_path)
@@ -365,7 +364,7 @@ class Pipeline:
             examples,
             k=spec.k,
             params=params,
-            mode=mode,  # type: ignore[arg-type]
+            mode=mode,
             out_dir=out,
             verifier=_answer_only,
             prompt=prompt,
@@ -373,7 +372,7 @@ class Pipeline:
         )
         golds = [ex for ex in examples for _ in range(spec.k)]
         full = [self.task.check(r.text, ex) for r, ex in zip(result.run.rollouts, golds, strict=True)]
-        solo = solo_latencies(engine, examples[: spec.latency_problems], params, mode, prompt)  # type: ignore[arg-type]
+        solo = solo_latencies(engine, examples[: spec.latency_problems], params, mode, prompt)
         extra = {
             "intermediates": sum(full) / len(full),
             "mode": mode,

@@ -2,6 +2,7 @@
 
 import json
 
+import pytest
 import yaml
 from typer.testing import CliRunner
 
@@ -45,11 +46,17 @@ TINY = {
 }
 
 
-def test_reduced_pipeline_runs_every_stage_and_writes_the_report(tmp_path):
-    config = tmp_path / "tiny.yaml"
-    config.write_text(
+@pytest.fixture
+def config(tmp_path):
+    """The reduced config, writing under tmp_path (runs/, out/)."""
+    path = tmp_path / "tiny.yaml"
+    path.write_text(
         yaml.safe_dump({**TINY, "run_dir": str(tmp_path / "runs"), "out_dir": str(tmp_path / "out")})
     )
+    return path
+
+
+def test_reduced_pipeline_runs_every_stage_and_writes_the_report(tmp_path, config):
     result = CliRunner().invoke(app, ["pipeline", str(config), "--from-scratch"])
     assert result.exit_code == 0, result.output
     report = json.loads((tmp_path / "out" / "report.json").read_text())
@@ -68,11 +75,7 @@ def test_reduced_pipeline_runs_every_stage_and_writes_the_report(tmp_path):
     assert again.run() == report
 
 
-def test_until_stops_after_the_named_stage_without_a_report(tmp_path):
-    config = tmp_path / "tiny.yaml"
-    config.write_text(
-        yaml.safe_dump({**TINY, "run_dir": str(tmp_path / "runs"), "out_dir": str(tmp_path / "out")})
-    )
+def test_until_stops_after_the_named_stage_without_a_report(tmp_path, config):
     result = CliRunner().invoke(app, ["pipeline", str(config), "--until", "seed"])
     assert result.exit_code == 0, result.output
     assert "seed: " in result.output
@@ -80,11 +83,7 @@ def test_until_stops_after_the_named_stage_without_a_report(tmp_path):
     assert not (tmp_path / "runs" / "npr_zero").exists() and not (tmp_path / "out").exists()
 
 
-def test_until_names_the_stages_when_given_an_unknown_one(tmp_path):
-    config = tmp_path / "tiny.yaml"
-    config.write_text(
-        yaml.safe_dump({**TINY, "run_dir": str(tmp_path / "runs"), "out_dir": str(tmp_path / "out")})
-    )
+def test_until_names_the_stages_when_given_an_unknown_one(tmp_path, config):
     result = CliRunner().invoke(app, ["pipeline", str(config), "--until", "seeds"])
     assert result.exit_code == 2
     assert "'seeds' is not a stage" in result.output and "npr_zero" in result.output
