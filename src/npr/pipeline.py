@@ -10,10 +10,13 @@ Then every model is evaluated on a held-out split and compared (`report.json`, `
 
 A stage is done when its folder holds `done.json`; trainers resume from their own checkpoints, rejection
 sampling from its JSONL, so a killed pipeline re-run with the same command picks up where it stopped.
+`done.json` also records the stage's settings and a hash of what it read (weights, data): a re-run after
+the config or an earlier stage changed stops with an error naming the stage, instead of reusing it.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import random
@@ -118,6 +121,28 @@ def load_pipeline_config(path: str | Path, **overrides: Any) -> PipelineConfig:
     return config.model_copy(update={"seed_model": seed.model_copy(update=paths)})
 
 
+class StaleStageError(RuntimeError):
+    """A cached stage was made with other settings or inputs than the current run would use."""
+
+
+def content_hash(path: str | Path) -> str:
+    """Short sha256 of a file, or of a model folder's weight files: what a stage read.
+
+    >>> content_hash("no/such/file")
+    'missing'
+    """
+    path = Path(path)
+    files = sorted(path.glob("*.safetensors")) if path.is_dir() else [path]
+    if not path.exists() or not files:
+        return "missing"
+    digest = hashlib.sha256()
+    for file in files:
+        with file.open("rb") as f:
+            for chunk in iter(lambda: f.read(1 << 20), b""):
+                digest.update(chunk)
+    return digest.hexdigest()[:16]
+
+
 def _atomic_write(path: Path, text: str) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
@@ -148,17 +173,31 @@ class Pipeline:
         path = self.run_dir / stage / "done.json"
         return json.loads(path.read_text()) if path.exists() else None
 
-    def _stage(self, stage: str, run: Callable[[Path], dict[str, Any]]) -> dict[str, Any]:
+    def _stage(
+        self, stage: str, run: Callable[[Path], dict[str, Any]], settings: dict[str, Any]
+    ) -> dict[str, Any]:
+        settings = json.loads(json.dumps(settings))  # as it will read back from done.json
+        folder = self.run_dir / stage
         done = self._done(stage)
         if done is not None:
+            before = done.pop("settings", {})
+            if before != settings:
+                changed = sorted(k for k in {*before, *settings} if before.get(k) != settings.get(k))
+                raise StaleStageError(
+                    f"[{stage}] {folder} was made with other settings (changed: {', '.join(changed)}); "
+                    f"delete it and the stages after it, or use another run_dir"
+                )
             self.log(f"[{stage}] cached: {done}")
             return done
         self.log(f"[{stage}] running")
-        folder = self.run_dir / stage
         folder.mkdir(parents=True, exist_ok=True)
         result = run(folder)
-        _atomic_write(folder / "done.json", json.dumps(result, indent=2))
+        _atomic_write(folder / "done.json", json.dumps({**result, "settings": settings}, indent=2))
         return result
+
+    def _data_settings(self) -> dict[str, Any]:
+        """The settings that decide which problems and prompts a stage generates."""
+        return {k: getattr(self.config, k) for k in ("task", "seed", "prompt_style")}
 
     def train_spec(self) -> str:
         c = self.config
@@ -211,7 +250,9 @@ class Pipeline:
                 self.seed_data(data, tokenizer)
             return {"model": str(sft.train(self.sft_config("seed", str(init), str(data))))}
 
-        return str(self._stage("seed", run)["model"])
+        init = content_hash(c.init_from) if c.init_from else None
+        settings = {**self._data_settings(), "seed_model": c.model_dump(), "init_from": init}
+        return str(self._stage("seed", run, settings)["model"])
 
     # ---------------------------------------------------------------------------------- stages 1-3
 
@@ -262,7 +303,11 @@ class Pipeline:
 
             return {"model": str(rl.train(self.rl_config(stage, model)))}
 
-        return str(self._stage(stage, run)["model"])
+        settings = {
+            "config": self.rl_config(stage, model).model_dump(mode="json"),
+            "model": content_hash(model),
+        }
+        return str(self._stage(stage, run, settings)["model"])
 
     def _sft(self, stage: str, model: str, data: str) -> str:
         def run(folder: Path) -> dict[str, Any]:
@@ -274,7 +319,12 @@ class Pipeline:
                 return {"model": model, "skipped": "no accepted traces"}
             return {"model": str(sft.train(self.sft_config(stage, model, data)))}
 
-        return str(self._stage(stage, run)["model"])
+        settings = {
+            "config": self.sft_config(stage, model, data).model_dump(mode="json"),
+            "model": content_hash(model),
+            "data": content_hash(data),
+        }
+        return str(self._stage(stage, run, settings)["model"])
 
     def stage_rejection(self, npr_zero: str) -> str:
         spec = self.config.rejection
@@ -301,7 +351,8 @@ class Pipeline:
             self.log(f"[rejection] accepted {stats.accepted}/{stats.problems} problems")
             return {"data": str(out), "accepted": stats.accepted, "problems": stats.problems}
 
-        return str(self._stage("rejection", run)["data"])
+        settings = {**self._data_settings(), "rejection": spec.model_dump(), "model": content_hash(npr_zero)}
+        return str(self._stage("rejection", run, settings)["data"])
 
     def train_all(self, until: str | None = None) -> dict[str, str]:
         """Every model of the comparison, trained (or found cached); `until` stops after that stage."""
@@ -344,11 +395,15 @@ class Pipeline:
         from npr.model import load_model
 
         out = self.out_dir / name
-        cached = out / "intermediates.json"
-        if cached.exists():
-            self.log(f"[eval {name}] cached")
-            return {"summary": load_summary(out), **json.loads(cached.read_text())}
         spec = self.config.eval
+        cached = out / "intermediates.json"
+        settings = {**self._data_settings(), "eval": spec.model_dump(), "model": content_hash(model_path)}
+        if cached.exists():
+            extra = json.loads(cached.read_text())
+            if extra.pop("settings", None) == settings:
+                self.log(f"[eval {name}] cached")
+                return {"summary": load_summary(out), **extra}
+            self.log(f"[eval {name}] the model or eval settings changed: evaluating again")
         mode: Mode = "parallel" if name in ("npr_beta", "npr") else "sequential"
         # NPR-Zero writes the format while decoding sequentially: it is prompted as it was trained.
         prompt = PromptSpec(format=True if name == "npr_zero" else None, style=self.config.prompt_style)
@@ -378,7 +433,7 @@ class Pipeline:
             "mode": mode,
             "latency_solo_s": sum(solo) / len(solo),
         }
-        _atomic_write(cached, json.dumps(extra))
+        _atomic_write(cached, json.dumps({**extra, "settings": settings}))
         return {"summary": load_summary(out), **extra}
 
 

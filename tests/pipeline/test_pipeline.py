@@ -83,6 +83,18 @@ def test_until_stops_after_the_named_stage_without_a_report(tmp_path, config):
     assert not (tmp_path / "runs" / "npr_zero").exists() and not (tmp_path / "out").exists()
 
 
+def test_a_stage_cached_with_other_settings_stops_the_run_and_is_kept(tmp_path, config):
+    assert CliRunner().invoke(app, ["pipeline", str(config), "--until", "seed"]).exit_code == 0
+    done = (tmp_path / "runs" / "seed" / "done.json").read_text()
+    changed = yaml.safe_load(config.read_text())
+    changed["seed_model"]["examples"] = 65
+    config.write_text(yaml.safe_dump(changed))
+    result = CliRunner().invoke(app, ["pipeline", str(config), "--until", "seed"])
+    assert result.exit_code == 2
+    assert "[seed]" in result.output and "other settings (changed: seed_model)" in result.output
+    assert (tmp_path / "runs" / "seed" / "done.json").read_text() == done
+
+
 def test_until_names_the_stages_when_given_an_unknown_one(tmp_path, config):
     result = CliRunner().invoke(app, ["pipeline", str(config), "--until", "seeds"])
     assert result.exit_code == 2

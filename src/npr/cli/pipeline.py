@@ -14,7 +14,7 @@ DEMO_CONFIG = files("npr").joinpath("assets", "demo.yaml")
 
 
 def _run(config: Path, from_scratch: bool, overrides: dict, until: str | None = None) -> None:
-    from npr.pipeline import STAGES, Pipeline, load_pipeline_config
+    from npr.pipeline import STAGES, Pipeline, StaleStageError, load_pipeline_config
     from npr.report import markdown
     from npr.train.config import ConfigError
 
@@ -27,11 +27,15 @@ def _run(config: Path, from_scratch: bool, overrides: dict, until: str | None = 
         typer.echo(f"error: --until {until!r} is not a stage; stages: {', '.join(STAGES)}", err=True)
         raise typer.Exit(2)
     pipe = Pipeline(cfg, from_scratch=from_scratch, log=typer.echo)
-    if until is not None:
-        for name, path in pipe.train_all(until).items():
-            typer.echo(f"{name}: {path}")
-        return
-    table = pipe.run()
+    try:
+        if until is not None:
+            for name, path in pipe.train_all(until).items():
+                typer.echo(f"{name}: {path}")
+            return
+        table = pipe.run()
+    except StaleStageError as e:
+        typer.echo(f"error: {e}", err=True)
+        raise typer.Exit(2) from e
     typer.echo(markdown(table, cfg.eval.k, cfg.eval.problems, cfg.eval.latency_problems))
     typer.echo(f"report: {cfg.out_dir}/report.md, report.json, curves.png, samples.html")
 

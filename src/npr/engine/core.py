@@ -15,7 +15,7 @@ import torch
 from npr.engine.kv import Feed, KVPool
 from npr.engine.params import FinishReason, SamplingParams
 from npr.engine.rollout import BlockRecord, BranchRecord, Rollout, RolloutStats
-from npr.engine.sampling import sample_token
+from npr.engine.sampling import sample_tokens
 from npr.format import Event, EventKind, StreamParser, TagIds
 
 Mode = Literal["parallel", "sequential"]
@@ -211,13 +211,26 @@ class ParallelEngine:
         if feeds:
             logits = self.pool.forward(feeds, sample_at)  # [P, V]
             logprobs = torch.log_softmax(logits, dim=-1)
+            rows, processed = [], []
             for k, (r, unit) in enumerate(targets):
-                if r.finish is None:
-                    try:
-                        self._sample(r, unit, logits[k], logprobs[k])
-                    except Exception as e:  # only the request whose processor failed ends; others go on
-                        self._finish(r, FinishReason.ERROR, stop_reason=f"{type(e).__name__}: {e}")
-                        errors.append(e)
+                if r.finish is not None:
+                    continue
+                try:
+                    processed.append(self._process(r, unit, logits[k]))
+                    rows.append(k)
+                except Exception as e:  # only the request whose processor failed ends; others go on
+                    self._finish(r, FinishReason.ERROR, stop_reason=f"{type(e).__name__}: {e}")
+                    errors.append(e)
+            live = [targets[k] for k in rows]
+            tokens = sample_tokens(
+                torch.stack(processed) if processed else logits[:0],
+                [r.params for r, _ in live],
+                [r.generator for r, _ in live],
+                [self._penalised(r, unit) for r, unit in live],
+            )
+            for k, (r, unit), token in zip(rows, live, tokens, strict=True):
+                if r.finish is None:  # an earlier unit of the same request may have ended it
+                    self._emit(r, unit, token, float(logprobs[k, token]))
         done = [r for r in self.running if r.finish is not None]
         self.running = [r for r in self.running if r.finish is None]
         self.pool.collect()
@@ -271,23 +284,31 @@ class ParallelEngine:
         """Token ids the unit can see, canonical order: prompt, finished blocks, trunk, own branch."""
         return r.prompt_ids + r.response + (unit.tokens if unit is not None else [])
 
-    def _sample(
-        self, r: _Request, unit: _Branch | None, logits: torch.Tensor, logprobs: torch.Tensor
-    ) -> None:
-        p = r.params
-        visible = self._visible(r, unit) if p.logits_processors else None
-        penalised = None
-        if p.branch_repetition_penalty != 1.0:
-            if unit is not None:
-                penalised = unit.tokens
-            elif r.parser.state == "step":  # sequential mode writes its steps in the trunk
-                penalised = r.response[r.step_start :]
-        token = sample_token(logits, p, r.generator, visible, penalised)
+    def _process(self, r: _Request, unit: _Branch | None, logits: torch.Tensor) -> torch.Tensor:
+        """The row's logits through the request's logits processors (a copy; the raw row stays)."""
+        if not r.params.logits_processors:
+            return logits
+        visible, logits = self._visible(r, unit), logits.clone()
+        for fn in r.params.logits_processors:
+            logits = fn(visible, logits)
+        return logits
+
+    def _penalised(self, r: _Request, unit: _Branch | None) -> list[int] | None:
+        """Ids the branch repetition penalty applies to: the open step's tokens, else none."""
+        if r.params.branch_repetition_penalty == 1.0:
+            return None
+        if unit is not None:
+            return unit.tokens
+        if r.parser.state == "step":  # sequential mode writes its steps in the trunk
+            return r.response[r.step_start :]
+        return None
+
+    def _emit(self, r: _Request, unit: _Branch | None, token: int, logprob: float) -> None:
         r.used += 1
         if unit is None:
-            self._trunk_token(r, token, float(logprobs[token]))
+            self._trunk_token(r, token, logprob)
         else:
-            self._branch_token(r, unit, token, float(logprobs[token]))
+            self._branch_token(r, unit, token, logprob)
 
     def _trunk_token(self, r: _Request, token: int, logprob: float) -> None:
         pos = r.next_pos

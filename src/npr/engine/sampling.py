@@ -1,52 +1,70 @@
-"""Turning one row of logits into one token: processors, branch-only penalty, temperature, top-k/p."""
+"""Turning a step's logits into tokens, all rows at once: branch-only penalty, temperature, top-k/p.
+
+One batched pass instead of a loop over rows: at a fork a request decodes several branches per step, and
+per-row sorts and draws would make each branch cost more than the model's forward on a small model.
+Every row keeps its own generator (one uniform draw per row, inverse-CDF sampling), so a seeded request
+gives the same tokens alone or in any batch.
+"""
 
 from __future__ import annotations
+
+from collections.abc import Sequence
 
 import torch
 
 from npr.engine.params import SamplingParams
 
 
-def _repetition_penalty(logits: torch.Tensor, seen: list[int], penalty: float) -> torch.Tensor:
-    """CTRL-style penalty: divide positive logits of seen tokens, multiply negative ones."""
-    idx = torch.tensor(sorted(set(seen)), dtype=torch.long, device=logits.device)
-    vals = logits[idx]
-    logits[idx] = torch.where(vals > 0, vals / penalty, vals * penalty)
-    return logits
+def _repetition_penalty(
+    logits: torch.Tensor, penalised: Sequence[list[int] | None], penalty: torch.Tensor
+) -> None:
+    """CTRL-style penalty, in place: divide positive logits of seen tokens, multiply negative ones."""
+    rows = [i for i, seen in enumerate(penalised) for _ in sorted(set(seen or ()))]
+    if not rows:
+        return
+    cols = [t for seen in penalised for t in sorted(set(seen or ()))]
+    r, c = torch.tensor(rows), torch.tensor(cols)
+    vals, p = logits[r, c], penalty[r]
+    logits[r, c] = torch.where(vals > 0, vals / p, vals * p)
 
 
-def _top_k_top_p(logits: torch.Tensor, top_k: int, top_p: float) -> torch.Tensor:
-    if top_k and top_k < logits.numel():
-        kth = torch.topk(logits, top_k).values[-1]
-        logits = logits.masked_fill(logits < kth, float("-inf"))
-    if top_p < 1.0:
-        sorted_logits, order = torch.sort(logits, descending=True)
-        cum = sorted_logits.softmax(-1).cumsum(-1)
-        drop = cum - sorted_logits.softmax(-1) >= top_p  # mass before this token already reaches top_p
-        logits = logits.clone()
-        logits[order[drop]] = float("-inf")
-    return logits
-
-
-def sample_token(
+def sample_tokens(
     logits: torch.Tensor,
-    params: SamplingParams,
-    generator: torch.Generator,
-    visible_ids: list[int] | None = None,
-    penalised_ids: list[int] | None = None,
-) -> int:
-    """Pick the next token from `[V]` float32 logits (a copy; the caller keeps the raw ones).
+    params: Sequence[SamplingParams],
+    generators: Sequence[torch.Generator],
+    penalised: Sequence[list[int] | None],
+) -> list[int]:
+    """One token per row of `[P, V]` float32 logits (already through the row's logits processors).
 
-    `visible_ids` go to the logits processors; `penalised_ids` (given only inside a step) get the
-    branch repetition penalty. The caller builds them only when they are used: they cost O(length).
+    `penalised[i]` (given only inside a step) are the ids that get row i's branch repetition penalty.
+    Top-k is applied before top-p, and top-p keeps the smallest prefix of the sorted tokens whose mass
+    reaches `top_p` (the token that crosses it included).
+
+    >>> g = torch.Generator().manual_seed(0)
+    >>> sample_tokens(torch.tensor([[0.0, 5.0, 1.0]]), [SamplingParams(temperature=0)], [g], [None])
+    [1]
+    >>> sample_tokens(torch.tensor([[0.0, 5.0, 1.0]]), [SamplingParams(top_k=1)], [g], [None])
+    [1]
     """
+    if not params:
+        return []
     logits = logits.clone()
-    for fn in params.logits_processors:
-        logits = fn(visible_ids or [], logits)
-    if penalised_ids:
-        logits = _repetition_penalty(logits, penalised_ids, params.branch_repetition_penalty)
-    if params.temperature == 0:
-        return int(torch.argmax(logits))
-    logits = _top_k_top_p(logits / params.temperature, params.top_k, params.top_p)
-    probs = torch.softmax(logits, -1)
-    return int(torch.multinomial(probs, 1, generator=generator))
+    vocab = logits.shape[1]
+    _repetition_penalty(logits, penalised, torch.tensor([p.branch_repetition_penalty for p in params]))
+    greedy = torch.tensor([p.temperature == 0 for p in params])
+    temperature = torch.tensor([p.temperature or 1.0 for p in params])
+    top_k = torch.tensor([p.top_k or vocab for p in params])
+    top_p = torch.tensor([p.top_p for p in params])
+
+    sorted_logits, order = torch.sort(logits / temperature[:, None], dim=-1, descending=True)
+    rank = torch.arange(vocab)[None, :]
+    sorted_logits = sorted_logits.masked_fill(rank >= top_k[:, None], float("-inf"))
+    probs = sorted_logits.softmax(-1)
+    cdf = probs.cumsum(-1)
+    keep = (cdf - probs < top_p[:, None]) & (rank < top_k[:, None])  # a prefix of every sorted row
+    last = keep.sum(-1, keepdim=True) - 1
+    cdf = cdf.masked_fill(~keep, float("inf"))
+    u = torch.cat([torch.rand(1, generator=g) for g in generators])[:, None] * cdf.gather(1, last)
+    pick = torch.minimum(torch.searchsorted(cdf, u, right=True), last)
+    drawn = order.gather(1, pick).view(-1)
+    return torch.where(greedy, logits.argmax(-1), drawn).tolist()
