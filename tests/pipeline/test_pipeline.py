@@ -65,6 +65,7 @@ def test_reduced_pipeline_runs_every_stage_and_writes_the_report(tmp_path, confi
         assert {"accuracy", "parallel_rate", "tps", "speedup_tps", "speedup_latency"} <= set(row)
         assert 0 <= row["accuracy"] <= 1 and row["tps"] > 0
     assert report["seed"]["speedup_tps"] == 1.0 and report["seed"]["parallel_rate"] == 0.0
+    assert report["seed"]["speedup_path"] == 1.0
     assert report["seed"]["speedup_latency"] == 1.0 and all(r["latency_s"] > 0 for r in report.values())
     for stage in STAGES:
         assert (tmp_path / "runs" / stage / "done.json").exists()
