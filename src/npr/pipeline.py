@@ -23,13 +23,17 @@ import random
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field
 
 from npr.data import Example, PromptStyle, build_prompt, load_task
 from npr.tasks import TASKS
+
+if TYPE_CHECKING:
+    from npr.engine import SamplingParams
+    from npr.eval.harness import Mode, PromptSpec
 
 STAGES = ("seed", "npr_zero", "rejection", "npr_beta", "sr_beta", "npr", "sr")
 MODELS = ("seed", "npr_zero", "npr_beta", "sr_beta", "sr", "npr")
@@ -80,6 +84,9 @@ class EvalSpec(_Strict):
     max_new_tokens: int = Field(default=512, ge=1)
     latency_problems: int = Field(
         default=20, ge=1, description="Problems decoded one at a time (one sample each) to time latency."
+    )
+    latency_repeats: int = Field(
+        default=1, ge=1, description="Times each problem is timed per model (the median is kept)."
     )
 
 
@@ -380,17 +387,35 @@ class Pipeline:
 
         models = self.train_all()
         results = {name: self.evaluate(name, models[name]) for name in MODELS}
+        for name, latency in self.latencies(models).items():
+            results[name]["latency_solo_s"] = latency
         return write_report(self, models, results)
 
     # ---------------------------------------------------------------------------------- evaluation
 
-    def evaluate(self, name: str, model_path: str) -> dict[str, Any]:
-        """avg@k accuracy (answer only), all-intermediates-correct rate and timing of one model.
+    def _decoding(self, name: str) -> tuple[Mode, PromptSpec]:
+        """How a model is decoded in the comparison: its mode and its prompts."""
+        from npr.eval.harness import PromptSpec
 
-        TPS comes from the batched run; latency from decoding the first problems one at a time.
-        """
+        mode: Mode = "parallel" if name in ("npr_beta", "npr") else "sequential"
+        # NPR-Zero writes the format while decoding sequentially: it is prompted as it was trained.
+        prompt = PromptSpec(format=True if name == "npr_zero" else None, style=self.config.prompt_style)
+        return mode, prompt
+
+    def _eval_params(self) -> SamplingParams:
+        from npr.eval.harness import paper_params
+
+        spec = self.config.eval
+        params = paper_params(
+            spec.k, temperature=spec.temperature, top_p=spec.top_p, max_new_tokens=spec.max_new_tokens
+        )
+        params.seed = self.config.seed
+        return params
+
+    def evaluate(self, name: str, model_path: str) -> dict[str, Any]:
+        """avg@k accuracy (answer only), all-intermediates-correct rate and throughput of one model."""
         from npr.engine import ParallelEngine
-        from npr.eval.harness import Mode, PromptSpec, evaluate, paper_params, solo_latencies
+        from npr.eval.harness import evaluate
         from npr.eval.report import load_summary
         from npr.model import load_model
 
@@ -404,21 +429,14 @@ class Pipeline:
                 self.log(f"[eval {name}] cached")
                 return {"summary": load_summary(out), **extra}
             self.log(f"[eval {name}] the model or eval settings changed: evaluating again")
-        mode: Mode = "parallel" if name in ("npr_beta", "npr") else "sequential"
-        # NPR-Zero writes the format while decoding sequentially: it is prompted as it was trained.
-        prompt = PromptSpec(format=True if name == "npr_zero" else None, style=self.config.prompt_style)
+        mode, prompt = self._decoding(name)
         model, tokenizer = load_model(model_path)
         examples = self.eval_examples()
-        params = paper_params(
-            spec.k, temperature=spec.temperature, top_p=spec.top_p, max_new_tokens=spec.max_new_tokens
-        )
-        params.seed = self.config.seed
-        engine = ParallelEngine(model, tokenizer)
         result = evaluate(
-            engine,
+            ParallelEngine(model, tokenizer),
             examples,
             k=spec.k,
-            params=params,
+            params=self._eval_params(),
             mode=mode,
             out_dir=out,
             verifier=_answer_only,
@@ -427,14 +445,35 @@ class Pipeline:
         )
         golds = [ex for ex in examples for _ in range(spec.k)]
         full = [self.task.check(r.text, ex) for r, ex in zip(result.run.rollouts, golds, strict=True)]
-        solo = solo_latencies(engine, examples[: spec.latency_problems], params, mode, prompt)
-        extra = {
-            "intermediates": sum(full) / len(full),
-            "mode": mode,
-            "latency_solo_s": sum(solo) / len(solo),
-        }
+        extra = {"intermediates": sum(full) / len(full), "mode": mode}
         _atomic_write(cached, json.dumps({**extra, "settings": settings}))
         return {"summary": load_summary(out), **extra}
+
+    def latencies(self, models: dict[str, str]) -> dict[str, float]:
+        """Mean single-request latency per model on the first eval problems, the models taking turns."""
+        from npr.engine import ParallelEngine
+        from npr.eval.harness import LatencyRun, solo_latencies
+        from npr.model import load_model
+
+        spec = self.config.eval
+        cached = self.out_dir / "latency.json"
+        hashes = {name: content_hash(path) for name, path in models.items()}
+        settings = {**self._data_settings(), "eval": spec.model_dump(), "models": hashes}
+        if cached.exists() and (done := json.loads(cached.read_text()))["settings"] == settings:
+            self.log("[latency] cached")
+            return done["latency_s"]
+        self.log(f"[latency] {len(models)} models take turns on {spec.latency_problems} problems")
+        runs = {}
+        for name, path in models.items():
+            model, tokenizer = load_model(path)
+            runs[name] = LatencyRun(ParallelEngine(model, tokenizer), *self._decoding(name))
+        problems = self.eval_examples()[: spec.latency_problems]
+        times = solo_latencies(runs, problems, self._eval_params(), spec.latency_repeats)
+        latency = {name: sum(t) / len(t) for name, t in times.items()}
+        _atomic_write(
+            cached, json.dumps({"latency_s": latency, "per_problem_s": times, "settings": settings})
+        )
+        return latency
 
 
 def _answer_only(text: str, example: Example) -> bool:

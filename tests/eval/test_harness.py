@@ -14,7 +14,7 @@ from npr.cli import app
 from npr.data import Example, load_dataset
 from npr.engine import ParallelEngine, SamplingParams, load_rollouts
 from npr.eval import compare, evaluate, load_summary
-from npr.eval.harness import check_run, solo_latencies
+from npr.eval.harness import LatencyRun, check_run, solo_latencies
 from npr.model import tiny_model
 from tests.scripted import Script
 
@@ -189,9 +189,11 @@ def test_cli_eval_user_errors(args, word):
     assert word in " ".join(res.output.split())
 
 
-def test_solo_latencies_time_each_problem_alone_and_leave_the_engine_empty(engine):
+def test_solo_latencies_time_each_problem_alone_for_each_run_and_leave_the_engines_empty(engine):
     problems = [Example("What is 2 + 3?", "5", "a"), Example("What is 7 + 8?", "15", "b")]
     params = SamplingParams(n=4, max_new_tokens=12, seed=0)  # n is ignored: one sample per problem
-    times = solo_latencies(engine, problems, params, "parallel")
-    assert len(times) == 2 and all(t > 0 for t in times)
+    runs = {"par": LatencyRun(engine, "parallel"), "seq": LatencyRun(engine, "sequential")}
+    times = solo_latencies(runs, problems, params, repeats=2)
+    assert set(times) == {"par", "seq"}
+    assert all(len(t) == 2 and all(x > 0 for x in t) for t in times.values())
     assert not engine.has_work

@@ -10,8 +10,9 @@ from __future__ import annotations
 
 import dataclasses
 import datetime
+import statistics
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -186,30 +187,44 @@ def _warm_up(
         engine.generate([prompt.build(engine, example.question, mode)], short, mode)
 
 
+@dataclass(frozen=True)
+class LatencyRun:
+    """One decoder to time: an engine (its model), the mode it decodes in and its prompts."""
+
+    engine: ParallelEngine
+    mode: Mode
+    prompt: PromptSpec = PromptSpec()
+
+
 def solo_latencies(
-    engine: ParallelEngine,
+    runs: Mapping[str, LatencyRun],
     examples: Sequence[Example],
     params: SamplingParams,
-    mode: Mode,
-    prompt: PromptSpec | None = None,
-) -> list[float]:
-    """Per problem: wall seconds to decode one sample with nothing else in the engine.
+    repeats: int = 1,
+) -> dict[str, list[float]]:
+    """Per run and problem: wall seconds to decode one sample with nothing else in the engine.
 
     Latency is what one user waits for one answer; in a batched run it also counts the other requests'
-    compute, which on a small CPU hides the gain of decoding branches side by side. So it is measured
-    here at concurrency 1, after an untimed warm-up.
+    compute, which on a small CPU hides the gain of decoding branches side by side. So it is measured at
+    concurrency 1, after an untimed warm-up, and the runs take turns problem by problem, so a slow spell
+    of a shared machine lands on every run alike. With `repeats` > 1 each time is the median of as many.
     """
-    prompt = prompt or PromptSpec()
     one = dataclasses.replace(params, n=1)
     if examples:
-        _warm_up(engine, examples[0], one, [mode], prompt)
-    out = []
+        for run in runs.values():
+            _warm_up(run.engine, examples[0], one, [run.mode], run.prompt)
+    times: dict[str, list[float]] = {name: [] for name in runs}
     for ex in examples:
-        ids = prompt.build(engine, ex.question, mode)
-        start = time.perf_counter()
-        engine.generate([ids], one, mode)
-        out.append(time.perf_counter() - start)
-    return out
+        tries: dict[str, list[float]] = {name: [] for name in runs}
+        for _ in range(repeats):
+            for name, run in runs.items():
+                ids = run.prompt.build(run.engine, ex.question, run.mode)
+                start = time.perf_counter()
+                run.engine.generate([ids], one, run.mode)
+                tries[name].append(time.perf_counter() - start)
+        for name, t in tries.items():
+            times[name].append(statistics.median(t))
+    return times
 
 
 def check_run(mode: str, baseline: str | None, k: int) -> None:
