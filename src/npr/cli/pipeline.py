@@ -56,7 +56,7 @@ def pipeline(
 @app.command()
 def demo(
     from_scratch: Annotated[
-        bool, typer.Option(help="Retrain the committed seed first (~30 min more).")
+        bool, typer.Option(help="Retrain the seed first (~55 min more on 2 CPU cores).")
     ] = False,
     out: Annotated[str, typer.Option(help="Report folder.")] = "results/demo",
     runs: Annotated[str, typer.Option(help="Checkpoints folder (stages cached here).")] = "runs/demo",
