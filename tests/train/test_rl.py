@@ -73,8 +73,11 @@ class Rambling:
 
 
 def varied_check(text: str, example: Example) -> bool:
-    """'Correct' for about half of all texts, by a stable hash (Python's `hash` is salted per process)."""
-    return zlib.crc32(text.encode()) % 2 == 0
+    """'Correct' for about half of all texts, by a stable hash (Python's `hash` is salted per process).
+
+    Which texts pass depends on the sampled tokens: when the sampler changes, check that groups still
+    vary (the step tests fail on zero gradients if a group comes out constant)."""
+    return zlib.adler32(text.encode()) % 2 == 0
 
 
 def rl_config(tmp_path: Path, questions: list[str], **overrides: Any) -> RLConfig:
