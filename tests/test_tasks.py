@@ -6,7 +6,14 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from npr.format import Block, Item, Trajectory, check, parse, render
-from npr.tasks import check_group_max, make_group_max, noisy_attempt, parallel_solution, sequential_solution
+from npr.tasks import (
+    LABELS,
+    check_group_max,
+    make_group_max,
+    noisy_attempt,
+    parallel_solution,
+    sequential_solution,
+)
 
 problems = st.integers(0, 10_000).map(lambda seed: make_group_max(1, seed=seed)[0])
 
@@ -23,8 +30,34 @@ def test_both_solutions_pass_and_the_parallel_one_is_well_formed(ex):
 def test_a_solution_in_any_group_order_passes(ex, seed):
     text = sequential_solution(ex, random.Random(seed))
     assert check_group_max(text, ex)
-    lines = {line.rstrip(".") for line in text.split(" max(")[0].split(". ")}
-    assert lines == {line.rstrip(".") for line in sequential_solution(ex).split(" max(")[0].split(". ")}
+    assert set(_chains(text)) == set(_chains(sequential_solution(ex)))
+
+
+def _chains(solution: str) -> list[str]:
+    """The running-sum lines of a sequential solution (everything before the decision)."""
+    return solution.rsplit(". ", 1)[0].split(". ")
+
+
+@given(problems)
+def test_the_decision_must_name_a_group_with_the_largest_sum(ex):
+    text = sequential_solution(ex)
+    sums = [sum(g) for g in ex.meta["groups"]]
+    best = max(sums)
+    head, decision = text.rsplit(". ", 1)
+    for i, total in enumerate(sums):  # a tie: any group with the largest sum is a right decision
+        named = f"{head}. max {LABELS[i]}={best} \\boxed{{{ex.answer}}}"
+        assert check_group_max(named, ex) == (total == best)
+    assert not check_group_max(f"{head}. \\boxed{{{ex.answer}}}", ex)  # no decision at all
+    # The keyword counts (RL drifted to "ax" when it did not).
+    assert not check_group_max(f"{head}. {decision.replace('max', 'ax', 1)}", ex)
+
+
+def test_a_wrong_total_is_not_hidden_by_a_right_decision():
+    ex = make_group_max(1, seed=3)[0]
+    text = sequential_solution(ex)
+    label, total = text.split(" so ", 1)[1].split(".", 1)[0].split("=")
+    wrong = text.replace(f"so {label}={total}", f"so {label}={int(total) + 1}", 1)
+    assert check_group_max(text, ex) and not check_group_max(wrong, ex)
 
 
 @given(problems, st.data())
@@ -44,7 +77,7 @@ def test_a_merged_plan_with_the_right_answer_is_rejected():
     clean = parse(parallel_solution(ex))
     block = clean.blocks[0]
     lumped = Item("1", " ".join(step.text for step in block.steps))
-    merged = render(Trajectory((Block((Item("1", "sum all"),), (lumped,), block.takeaway),), clean.final))
+    merged = render(Trajectory((Block((Item("1", "all"),), (lumped,), block.takeaway),), clean.final))
     assert check(merged).ok and not check_group_max(merged, ex)
 
 

@@ -132,7 +132,7 @@ def load_task(name: str, n: int = DEFAULT_TASK_SIZE, seed: int = 0, **config: An
     if name in TASKS:
         try:
             return TASKS[name].make(n, seed, **config)
-        except TypeError as e:
+        except (TypeError, ValueError) as e:
             raise DataError(f"task {name!r} with config {config}: {e}") from e
     import reasoning_gym  # slow import (sympy); only task users pay for it
 

@@ -16,6 +16,7 @@ the config or an earlier stage changed stops with an error naming the stage, ins
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import os
@@ -24,6 +25,7 @@ import tempfile
 from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
+from urllib.parse import urlencode
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field
@@ -93,6 +95,9 @@ class EvalSpec(_Strict):
 class PipelineConfig(_Strict):
     kind: Literal["pipeline"] = "pipeline"
     task: str = Field(default="group_max", description="One of npr.tasks.TASKS (it brings its verifier).")
+    task_options: dict[str, Any] = Field(
+        default_factory=dict, description="Keyword arguments of the task's generator (e.g. group_size)."
+    )
     seed: int = Field(default=0, description="Seed of data, initialisation and sampling.")
     run_dir: str = Field(description="Checkpoints and stage outputs.")
     out_dir: str = Field(description="The report: report.json, report.md, curves, samples page.")
@@ -142,12 +147,30 @@ def content_hash(path: str | Path) -> str:
     files = sorted(path.glob("*.safetensors")) if path.is_dir() else [path]
     if not path.exists() or not files:
         return "missing"
+    return _hash_files(tuple((str(f), f.stat().st_mtime_ns, f.stat().st_size) for f in files))
+
+
+@functools.lru_cache(maxsize=64)
+def _hash_files(files: tuple[tuple[str, int, int], ...]) -> str:
+    """Keyed on path, mtime and size: a run hashes each model once however many caches check it."""
     digest = hashlib.sha256()
-    for file in files:
-        with file.open("rb") as f:
+    for name, _, _ in files:
+        with open(name, "rb") as f:
             for chunk in iter(lambda: f.read(1 << 20), b""):
                 digest.update(chunk)
     return digest.hexdigest()[:16]
+
+
+def _read_cached(path: Path, settings: dict[str, Any]) -> dict[str, Any] | None:
+    """What a JSON cache holds (less its settings) if it was made with these settings, else None."""
+    if not path.exists():
+        return None
+    saved = json.loads(path.read_text())
+    return saved if saved.pop("settings", None) == json.loads(json.dumps(settings)) else None
+
+
+def _write_cached(path: Path, content: dict[str, Any], settings: dict[str, Any]) -> None:
+    _atomic_write(path, json.dumps({**content, "settings": settings}))
 
 
 def _atomic_write(path: Path, text: str) -> None:
@@ -205,14 +228,18 @@ class Pipeline:
 
     def _data_settings(self) -> dict[str, Any]:
         """The settings that decide which problems and prompts a stage generates."""
-        return {k: getattr(self.config, k) for k in ("task", "seed", "prompt_style")}
+        return {k: getattr(self.config, k) for k in ("task", "task_options", "seed", "prompt_style")}
+
+    def problems(self, n: int, seed: int) -> list[Example]:
+        """n problems of the configured task (with its options), reproducible from the seed."""
+        return load_task(self.config.task, n, seed=seed, **self.config.task_options)
 
     def train_spec(self) -> str:
         c = self.config
-        return f"task:{c.task}?n={c.train_problems}&seed={c.seed}"
+        return f"task:{c.task}?" + urlencode({"n": c.train_problems, "seed": c.seed, **c.task_options})
 
     def eval_examples(self) -> list[Example]:
-        return load_task(self.config.task, self.config.eval.problems, seed=self.config.seed + 10_000)
+        return self.problems(self.config.eval.problems, seed=self.config.seed + 10_000)
 
     # ---------------------------------------------------------------------------------- stage 0
 
@@ -223,7 +250,7 @@ class Pipeline:
         c = self.config
         rng = random.Random(c.seed)
         lines = []
-        for ex in load_task(c.task, c.seed_model.examples, seed=c.seed + 20_000):
+        for ex in self.problems(c.seed_model.examples, seed=c.seed + 20_000):
             noisy = rng.random() < c.seed_model.noisy_fraction
             if noisy:
                 response = noisy_attempt(ex, rng)
@@ -300,6 +327,7 @@ class Pipeline:
 
     def validate(self) -> None:
         """Build every stage's config now, so a typo fails at load, not an hour into the run."""
+        self.problems(1, seed=0)  # a bad task option raises DataError naming it
         for stage in ("npr_zero", "npr", "sr"):
             self.rl_config(stage, "model")
         for stage in ("seed", "npr_beta", "sr_beta"):
@@ -343,7 +371,7 @@ class Pipeline:
             from npr.train.rejection import rejection_sample
 
             model, tokenizer = load_model(npr_zero)
-            problems = load_task(self.config.task, spec.problems, seed=self.config.seed)
+            problems = self.problems(spec.problems, seed=self.config.seed)
             out = folder / "accepted.jsonl"
             stats = rejection_sample(
                 ParallelEngine(model, tokenizer),
@@ -424,11 +452,10 @@ class Pipeline:
         spec = self.config.eval
         cached = out / "intermediates.json"
         settings = {**self._data_settings(), "eval": spec.model_dump(), "model": content_hash(model_path)}
+        if (extra := _read_cached(cached, settings)) is not None:
+            self.log(f"[eval {name}] cached")
+            return {"summary": load_summary(out), **extra}
         if cached.exists():
-            extra = json.loads(cached.read_text())
-            if extra.pop("settings", None) == settings:
-                self.log(f"[eval {name}] cached")
-                return {"summary": load_summary(out), **extra}
             self.log(f"[eval {name}] the model or eval settings changed: evaluating again")
         mode, prompt = self._decoding(name)
         model, tokenizer = load_model(model_path)
@@ -447,7 +474,7 @@ class Pipeline:
         golds = [ex for ex in examples for _ in range(spec.k)]
         full = [self.task.check(r.text, ex) for r, ex in zip(result.run.rollouts, golds, strict=True)]
         extra = {"intermediates": sum(full) / len(full), "mode": mode}
-        _atomic_write(cached, json.dumps({**extra, "settings": settings}))
+        _write_cached(cached, extra, settings)
         return {"summary": load_summary(out), **extra}
 
     def latencies(self, models: dict[str, str]) -> dict[str, float]:
@@ -460,7 +487,7 @@ class Pipeline:
         cached = self.out_dir / "latency.json"
         hashes = {name: content_hash(path) for name, path in models.items()}
         settings = {**self._data_settings(), "eval": spec.model_dump(), "models": hashes}
-        if cached.exists() and (done := json.loads(cached.read_text()))["settings"] == settings:
+        if (done := _read_cached(cached, settings)) is not None:
             self.log("[latency] cached")
             return done["latency_s"]
         self.log(f"[latency] {len(models)} models take turns on {spec.latency_problems} problems")
@@ -471,9 +498,7 @@ class Pipeline:
         problems = self.eval_examples()[: spec.latency_problems]
         times = solo_latencies(runs, problems, self._eval_params(), spec.latency_repeats)
         latency = {name: sum(t) / len(t) for name, t in times.items()}
-        _atomic_write(
-            cached, json.dumps({"latency_s": latency, "per_problem_s": times, "settings": settings})
-        )
+        _write_cached(cached, {"latency_s": latency, "per_problem_s": times}, settings)
         return latency
 
 

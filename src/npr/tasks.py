@@ -1,12 +1,15 @@
 r"""Procedural tasks of our own, with solutions and verifiers that check every intermediate result.
 
-`group_max`: 3–5 groups of single-digit numbers; the answer is the largest group sum. It is the demo's
-task because it decomposes cleanly — one plan per group, one step per running-sum chain, and a takeaway
-that names the maximum — so its ideal parallel speedup is 2.1/2.6/3.0× at 3/4/5 groups.
+`group_max`: groups of single-digit numbers (3–5 groups of five by default; the demo uses five groups of
+six); the answer is the largest group sum. It is the demo's task because it decomposes cleanly — one plan
+per group, one step per running-sum chain, and a short takeaway naming the group with the maximum. By
+tokens of the demo tokenizer a parallel answer's critical path is 1.97× shorter than the sequential
+solution at the defaults and 2.44× at five groups of six (sub-tasks longer than the plans and the merge).
 
 On such a task chance is high (the most frequent answer alone is right ~10%), so the verifier checks every
 intermediate result, not only the final answer: every `a+b=c` must be right, every group total `L=S` must
-be stated and right, and a formatted answer must give each group its own step.
+be stated and right, the last statement must name a group with the largest sum, and a formatted answer
+must give each group its own step.
 
 >>> ex = make_group_max(1, seed=0)[0]
 >>> check_group_max(sequential_solution(ex), ex), check_group_max(parallel_solution(ex), ex)
@@ -27,7 +30,8 @@ from npr.format import Block, FormatError, Item, Trajectory, extract_answer, par
 
 LABELS = "ABCDE"
 _EQUATION = re.compile(r"(\d+)\s*\+\s*(\d+)\s*=\s*(\d+)")
-_TOTAL = re.compile(r"\b([A-E])\s*=\s*(\d+)")
+_TOTAL = re.compile(rf"\b([{LABELS}])\s*=\s*(\d+)")
+_DECISION = re.compile(rf"\bmax\s+([{LABELS}])\s*=\s*(\d+)")
 
 
 def _groups(ex: Example) -> list[list[int]]:
@@ -43,6 +47,12 @@ def make_group_max(
     n: int, seed: int = 0, *, min_groups: int = 3, max_groups: int = 5, group_size: int = 5
 ) -> list[Example]:
     """n problems, reproducible from the seed."""
+    if not 1 <= min_groups <= max_groups <= len(LABELS):
+        raise ValueError(
+            f"need 1 <= min_groups <= max_groups <= {len(LABELS)}, got {min_groups}, {max_groups}"
+        )
+    if group_size < 2:
+        raise ValueError(f"group_size must be >= 2 (a chain adds two numbers at least), got {group_size}")
     rng = random.Random(seed)
     out = []
     for i in range(n):
@@ -69,8 +79,13 @@ def _chain(label: str, numbers: list[int]) -> str:
 
 
 def _decision(groups: list[list[int]]) -> str:
+    """The group with the largest sum and that sum, e.g. "max C=30" (the first such group on a tie).
+
+    It does not restate every total: that would add three tokens per group to the merge, which every
+    parallel answer pays on its critical path (the totals already end each step).
+    """
     sums = [sum(g) for g in groups]
-    return f"max({','.join(map(str, sums))})={max(sums)}"
+    return f"max {LABELS[sums.index(max(sums))]}={max(sums)}"
 
 
 def sequential_solution(ex: Example, rng: random.Random | None = None) -> str:
@@ -136,16 +151,24 @@ def noisy_attempt(ex: Example, rng: random.Random) -> str:
 
 
 def check_group_max(text: str, ex: Example) -> bool:
-    """Correct answer AND every intermediate result right AND (if formatted) one step per group."""
+    """Correct answer AND every intermediate result right AND (if formatted) one step per group.
+
+    Every `L=S` must be right and every group's total stated; the last decision `max L=S` must name a
+    group with the largest sum. The keyword counts: a reward blind to it lets RL drift to other words
+    there (measured: PAPO turned `max` into `ax` in 8 steps, and the labels after it got worse).
+    """
     groups = _groups(ex)
     if (extract_answer(text) or "").strip() != ex.answer:
         return False
     if any(int(a) + int(b) != int(c) for a, b, c in _EQUATION.findall(text)):
         return False
-    totals = dict(_TOTAL.findall(text))
-    if any(totals.get(LABELS[i]) != str(sum(g)) for i, g in enumerate(groups)):
+    sums = {LABELS[i]: sum(g) for i, g in enumerate(groups)}
+    totals = [(label, int(value)) for label, value in _TOTAL.findall(text)]
+    stated = {label for label, _ in totals}
+    if stated != set(sums) or any(sums[label] != value for label, value in totals):
         return False
-    if _decision(groups) not in text.replace(" ", ""):
+    decisions = _DECISION.findall(text)
+    if not decisions or int(decisions[-1][1]) != max(sums.values()):
         return False
     try:
         trajectory = parse(text)

@@ -7,6 +7,7 @@ import yaml
 from typer.testing import CliRunner
 
 from npr.cli import app
+from npr.data import load_dataset
 from npr.pipeline import MODELS, STAGES, Pipeline, load_pipeline_config
 
 TINY = {
@@ -124,3 +125,19 @@ def test_a_typo_in_a_stage_fails_at_load(tmp_path):
         assert "lrr" in str(e)
     else:
         raise AssertionError("a misspelt field was accepted")
+
+
+def test_task_options_shape_every_stage_s_problems():
+    config = load_pipeline_config("configs/demo.yaml", task_options={"min_groups": 2, "max_groups": 2})
+    pipeline = Pipeline(config, log=lambda _: None)
+    rl_data = load_dataset(pipeline.rl_config("npr", "m").data)
+    for examples in (rl_data, pipeline.eval_examples(), pipeline.problems(4, seed=1)):
+        assert {len(ex.meta["groups"]) for ex in examples} == {2}
+
+
+def test_a_bad_task_option_fails_at_load_and_names_it(tmp_path, config):
+    raw = yaml.safe_load(config.read_text())
+    config.write_text(yaml.safe_dump({**raw, "task_options": {"group_sise": 6}}))
+    result = CliRunner().invoke(app, ["pipeline", str(config)])
+    assert result.exit_code == 2 and "group_sise" in result.output
+    assert not (tmp_path / "runs").exists()

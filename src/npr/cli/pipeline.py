@@ -14,6 +14,7 @@ DEMO_CONFIG = files("npr").joinpath("assets", "demo.yaml")
 
 
 def _run(config: Path, from_scratch: bool, overrides: dict, until: str | None = None) -> None:
+    from npr.data import DataError
     from npr.pipeline import STAGES, Pipeline, StaleStageError, load_pipeline_config
     from npr.report import markdown
     from npr.train.config import ConfigError
@@ -26,15 +27,15 @@ def _run(config: Path, from_scratch: bool, overrides: dict, until: str | None = 
     if until is not None and until not in STAGES:
         typer.echo(f"error: --until {until!r} is not a stage; stages: {', '.join(STAGES)}", err=True)
         raise typer.Exit(2)
-    pipe = Pipeline(cfg, from_scratch=from_scratch, log=typer.echo)
     try:
+        pipe = Pipeline(cfg, from_scratch=from_scratch, log=typer.echo)
         if until is not None:
             for name, path in pipe.train_all(until).items():
                 typer.echo(f"{name}: {path}")
             return
         table = pipe.run()
-    except StaleStageError as e:
-        typer.echo(f"error: {e}", err=True)
+    except (StaleStageError, DataError) as e:
+        typer.echo(f"error: {config}: {e}", err=True)
         raise typer.Exit(2) from e
     typer.echo(markdown(table, cfg.eval.k, cfg.eval.problems, cfg.eval.latency_problems))
     typer.echo(f"report: {cfg.out_dir}/report.md, report.json, curves.png, samples.html")
@@ -56,7 +57,7 @@ def pipeline(
 @app.command()
 def demo(
     from_scratch: Annotated[
-        bool, typer.Option(help="Retrain the seed first (~55 min more on 2 CPU cores).")
+        bool, typer.Option(help="Retrain the seed first (~8 min on one H100; hours on 2 CPU cores).")
     ] = False,
     out: Annotated[str, typer.Option(help="Report folder.")] = "results/demo",
     runs: Annotated[str, typer.Option(help="Checkpoints folder (stages cached here).")] = "runs/demo",

@@ -19,10 +19,11 @@ def _repetition_penalty(
     logits: torch.Tensor, penalised: Sequence[list[int] | None], penalty: torch.Tensor
 ) -> None:
     """CTRL-style penalty, in place: divide positive logits of seen tokens, multiply negative ones."""
-    rows = [i for i, seen in enumerate(penalised) for _ in sorted(set(seen or ()))]
+    unique = [set(seen or ()) for seen in penalised]
+    rows = [i for i, ids in enumerate(unique) for _ in ids]
     if not rows:
         return
-    cols = [t for seen in penalised for t in sorted(set(seen or ()))]
+    cols = [t for ids in unique for t in ids]
     r, c = torch.tensor(rows), torch.tensor(cols)
     vals, p = logits[r, c], penalty[r]
     logits[r, c] = torch.where(vals > 0, vals / p, vals * p)
