@@ -17,8 +17,10 @@ LABELS = {
     "sr": "SR",
     "npr": "NPR",
 }
-CURVES = {"seed": "train/loss", "npr_zero": "train/reward", "npr_beta": "train/loss", "sr_beta": "train/loss"}
-CURVES |= {"npr": "train/reward", "sr": "train/reward"}
+_SFT_CURVES, _RL_CURVES = ("train/loss",), ("reward/mean", "reward/accuracy")
+CURVES = {"seed": _SFT_CURVES, "npr_zero": _RL_CURVES, "npr_beta": _SFT_CURVES, "sr_beta": _SFT_CURVES}
+CURVES |= {"npr": _RL_CURVES, "sr": _RL_CURVES}
+"""What each trained stage's panel shows: SFT its loss, RL its mean reward and accuracy per step."""
 
 
 def summarize(results: dict[str, dict[str, Any]]) -> dict[str, dict[str, float]]:
@@ -76,22 +78,39 @@ def markdown(table: dict[str, dict[str, float]], k: int, problems: int, latency_
     return head + rows + note
 
 
-def plot_curves(run_dir: Path, out: Path) -> None:
-    """One panel per trained stage: its loss (SFT) or mean reward (RL) per step."""
-    from matplotlib.figure import Figure
-
+def curve_series(run_dir: Path) -> dict[str, dict[str, tuple[list[int], list[float]]]]:
+    """Per trained stage and metric of `CURVES`: (steps, values) read from the stage's metrics.jsonl."""
     from npr.train.loop import read_metrics
 
-    stages = [s for s in CURVES if (run_dir / s / "train" / "metrics.jsonl").exists()]
-    if not stages:
+    series = {}
+    for stage, names in CURVES.items():
+        if (run_dir / stage / "train" / "metrics.jsonl").exists():
+            rows = read_metrics(run_dir / stage / "train")
+            series[stage] = {
+                n: ([r["step"] for r in rows if n in r], [r[n] for r in rows if n in r]) for n in names
+            }
+    return series
+
+
+def plot_curves(run_dir: Path, out: Path) -> None:
+    """One panel per trained stage: its loss (SFT) or mean reward and accuracy (RL) per step."""
+    from matplotlib.figure import Figure
+
+    series = curve_series(run_dir)
+    if not series:
         return
-    fig = Figure(figsize=(4 * len(stages), 3), layout="constrained")
-    for ax, stage in zip(fig.subplots(1, len(stages), squeeze=False)[0], stages, strict=True):
-        rows = [r for r in read_metrics(run_dir / stage / "train") if CURVES[stage] in r]
-        ax.plot([r["step"] for r in rows], [r[CURVES[stage]] for r in rows])
+    fig = Figure(figsize=(4 * len(series), 3), layout="constrained")
+    for ax, (stage, curves) in zip(
+        fig.subplots(1, len(series), squeeze=False)[0], series.items(), strict=True
+    ):
+        for name, (steps, values) in curves.items():
+            ax.plot(steps, values, label=name)
         ax.set_title(LABELS[stage])
         ax.set_xlabel("step")
-        ax.set_ylabel(CURVES[stage])
+        if len(curves) > 1:
+            ax.legend(fontsize="small")
+        else:
+            ax.set_ylabel(next(iter(curves)))
     fig.savefig(out, dpi=100)
 
 

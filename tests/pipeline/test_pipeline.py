@@ -9,6 +9,7 @@ from typer.testing import CliRunner
 from npr.cli import app
 from npr.data import load_dataset
 from npr.pipeline import MODELS, STAGES, Pipeline, load_pipeline_config
+from npr.report import curve_series
 
 TINY = {
     "kind": "pipeline",
@@ -72,6 +73,9 @@ def test_reduced_pipeline_runs_every_stage_and_writes_the_report(tmp_path, confi
         assert (tmp_path / "runs" / stage / "done.json").exists()
     for name in ("report.md", "curves.png", "samples.html"):
         assert (tmp_path / "out" / name).stat().st_size > 0
+    curves = curve_series(tmp_path / "runs")  # every trained stage's panel has points to draw
+    assert {"seed", "npr_zero", "npr", "sr"} <= set(curves)  # the Betas train only if rejection accepts
+    assert all(steps and len(steps) == len(values) for c in curves.values() for steps, values in c.values())
     # A re-run finds every stage and evaluation cached.
     again = Pipeline(load_pipeline_config(config), from_scratch=True, log=lambda _: None)
     assert again.run() == report
