@@ -77,7 +77,7 @@ def test_a_merged_plan_with_the_right_answer_is_rejected():
     clean = parse(parallel_solution(ex))
     block = clean.blocks[0]
     lumped = Item("1", " ".join(step.text for step in block.steps))
-    merged = render(Trajectory((Block((Item("1", "all"),), (lumped,), block.takeaway),), clean.final))
+    merged = render(Trajectory((Block((Item("1", "sum all"),), (lumped,), block.takeaway),), clean.final))
     assert check(merged).ok and not check_group_max(merged, ex)
 
 

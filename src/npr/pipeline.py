@@ -147,7 +147,8 @@ def content_hash(path: str | Path) -> str:
     files = sorted(path.glob("*.safetensors")) if path.is_dir() else [path]
     if not path.exists() or not files:
         return "missing"
-    return _hash_files(tuple((str(f), f.stat().st_mtime_ns, f.stat().st_size) for f in files))
+    stats = [(str(f), f.stat()) for f in files]
+    return _hash_files(tuple((name, st.st_mtime_ns, st.st_size) for name, st in stats))
 
 
 @functools.lru_cache(maxsize=64)

@@ -8,8 +8,8 @@ solution at the defaults and 2.44× at five groups of six (sub-tasks longer than
 
 On such a task chance is high (the most frequent answer alone is right ~10%), so the verifier checks every
 intermediate result, not only the final answer: every `a+b=c` must be right, every group total `L=S` must
-be stated and right, the last statement must name a group with the largest sum, and a formatted answer
-must give each group its own step.
+be stated and right, the last decision `max L=S` must name a group with the largest sum, and a formatted
+answer must give each group its own step.
 
 >>> ex = make_group_max(1, seed=0)[0]
 >>> check_group_max(sequential_solution(ex), ex), check_group_max(parallel_solution(ex), ex)
