@@ -174,11 +174,11 @@ def offender(r: Rollout, tags: TagIds, eos: int) -> int:
 
 def check_fuzzed(r: Rollout, params: SamplingParams, tags: TagIds, eos: int) -> None:
     n_resp = len(r.token_ids)
-    assert n_resp == len(r.logprobs) == len(r.loss_mask) == len(r.position_ids) - len(r.prompt_ids)
+    assert n_resp == len(r.sampled_logprobs) == len(r.loss_mask) == len(r.position_ids) - len(r.prompt_ids)
     assert r.stats.total_tokens == n_resp <= params.max_new_tokens
     assert r.stats.forks == len(r.blocks) and r.stats.branches == sum(len(b.branches) for b in r.blocks)
-    assert all(lp == 0.0 for lp, m in zip(r.logprobs, r.loss_mask, strict=True) if m == 0)
-    assert all(math.isfinite(lp) and lp <= 0.0 for lp in r.logprobs)
+    assert all(lp == 0.0 for lp, m in zip(r.sampled_logprobs, r.loss_mask, strict=True) if m == 0)
+    assert all(math.isfinite(lp) and lp <= 0.0 for lp in r.sampled_logprobs)
     if r.mode == "sequential":
         assert r.position_ids == list(range(len(r.position_ids))) and r.stats.forks == 0
         return
@@ -399,7 +399,9 @@ def test_same_seed_same_tokens_alone_and_in_a_mixed_batch(setup):
         engine.step()
     batched = engine.rollout(mixed)
     assert batched.token_ids == alone.token_ids and alone.finish_reason == FinishReason.STOP
-    assert torch.allclose(torch.tensor(batched.logprobs), torch.tensor(alone.logprobs), atol=1e-4)
+    assert torch.allclose(
+        torch.tensor(batched.sampled_logprobs), torch.tensor(alone.sampled_logprobs), atol=1e-4
+    )
     (other_seed,) = engine.generate(
         [ps[0]], SamplingParams(seed=124, logits_processors=target.logits_processors, **SAMPLED)
     )

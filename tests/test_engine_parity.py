@@ -39,7 +39,7 @@ def layout_logprobs(model, tags: TagIds, r: Rollout) -> torch.Tensor:
 def assert_parity(model, tags, r: Rollout) -> None:
     ref = layout_logprobs(model, tags, r)
     mask = torch.tensor(r.loss_mask, dtype=torch.bool)
-    got = torch.tensor(r.logprobs)
+    got = torch.tensor(r.sampled_logprobs)
     assert mask.sum() > 0
     err = (ref[mask] - got[mask]).abs().max().item()
     assert err < ATOL, f"parity error {err}"
@@ -119,7 +119,7 @@ def test_greedy_alone_equals_in_batch_of_8(setup):
     alone = [engine.generate([p], params)[0] for p in ps]
     for a, b in zip(alone, batch, strict=True):
         assert a.token_ids == b.token_ids
-        assert torch.allclose(torch.tensor(a.logprobs), torch.tensor(b.logprobs), atol=ATOL)
+        assert torch.allclose(torch.tensor(a.sampled_logprobs), torch.tensor(b.sampled_logprobs), atol=ATOL)
 
 
 def test_seeded_sampling_alone_equals_in_batch(setup):

@@ -18,13 +18,13 @@ import importlib.util
 import json
 import logging
 import os
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from npr.model import NAMED_MODELS, add_tag_tokens, save_model
+from npr.model import add_tag_tokens, save_model
 
 SMOLLM2 = "smollm2-135m-instruct"
 
@@ -154,4 +154,7 @@ def packaged_model_folder(name: str) -> Path:
     return gguf_folder(package_gguf(PACKAGED_GGUFS[name]))
 
 
-NAMED_MODELS.update({name: functools.partial(packaged_model_folder, name) for name in PACKAGED_GGUFS})
+NAMED_MODELS: dict[str, Callable[[], Path]] = {
+    name: functools.partial(packaged_model_folder, name) for name in PACKAGED_GGUFS
+}
+"""Every name `--model` accepts besides a path (and `tiny`): name -> its Hugging Face folder."""

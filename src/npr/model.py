@@ -7,7 +7,6 @@ import inspect
 import os
 import shutil
 import uuid
-from collections.abc import Callable
 from importlib.resources import files
 from pathlib import Path
 from typing import Any, cast
@@ -214,21 +213,20 @@ def tiny_model(
 
 # ---------------------------------------------------------------------------------------------- save / load
 
-# Named models map to a function that returns their Hugging Face folder, e.g. one converted once from a GGUF
-# file into a cache folder. `npr.hub` fills it in when it is imported.
-NAMED_MODELS: dict[str, Callable[[], Path]] = {}
+TINY = "tiny"
+"""The name `load_any` (and every `--model` option) gives the random test model."""
 
 
 def resolve_model_source(name_or_path: str | os.PathLike[str]) -> Path:
-    """The Hugging Face folder for a named model (see `NAMED_MODELS`), a `.gguf` file (converted once into
-    a cache folder by `npr.hub`) or a path.
+    """The Hugging Face folder for a named model (`npr.hub.NAMED_MODELS`), a `.gguf` file (converted once
+    into a cache folder by `npr.hub`) or a path.
 
     >>> resolve_model_source("runs/sft/final")
     PosixPath('runs/sft/final')
     """
-    from npr import hub  # imported here: hub registers the named models and imports this module
+    from npr import hub  # imported here: hub builds on this module
 
-    resolver = NAMED_MODELS.get(str(name_or_path))
+    resolver = hub.NAMED_MODELS.get(str(name_or_path))
     if resolver is not None:
         return resolver()
     path = Path(name_or_path).expanduser()
@@ -275,11 +273,13 @@ def save_model(
 def load_model(
     path: str | os.PathLike[str], dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu"
 ) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
-    """Load a causal LM and its tokenizer from a Hugging Face folder (or a name in `NAMED_MODELS`).
+    """Load a causal LM and its tokenizer from a Hugging Face folder (or a name in `npr.hub.NAMED_MODELS`).
 
     A seed checkpoint without the tag tokens gets them here through `add_tag_tokens` (the folder on disk is
     not changed), so every loaded pair has the 8 tags as single tokens.
     """
+    from npr.hub import NAMED_MODELS
+
     source = resolve_model_source(path)
     if not source.is_dir():
         raise FileNotFoundError(
@@ -295,3 +295,8 @@ def load_model(
     add_tag_tokens(model, tokenizer)
     cast(torch.nn.Module, model).to(device)  # in place; PreTrainedModel.to's wrapper confuses type checkers
     return model.eval(), tokenizer
+
+
+def load_any(model: str | os.PathLike[str]) -> tuple[Any, Any]:
+    """`load_model`, or the random test model for the name `tiny` (handy for smoke runs)."""
+    return tiny_model(seed=0) if str(model) == TINY else load_model(model)

@@ -19,9 +19,7 @@ from __future__ import annotations
 import functools
 import hashlib
 import json
-import os
 import random
-import tempfile
 from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
@@ -31,11 +29,12 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field
 
 from npr.data import Example, PromptStyle, build_prompt, load_task
+from npr.files import atomic_write
 from npr.tasks import TASKS
 
 if TYPE_CHECKING:
-    from npr.engine import SamplingParams
-    from npr.eval.harness import Mode, PromptSpec
+    from npr.engine import Mode, SamplingParams
+    from npr.eval.harness import PromptSpec
 
 STAGES = ("seed", "npr_zero", "rejection", "npr_beta", "sr_beta", "npr", "sr")
 MODELS = ("seed", "npr_zero", "npr_beta", "sr_beta", "sr", "npr")
@@ -171,16 +170,7 @@ def _read_cached(path: Path, settings: dict[str, Any]) -> dict[str, Any] | None:
 
 
 def _write_cached(path: Path, content: dict[str, Any], settings: dict[str, Any]) -> None:
-    _atomic_write(path, json.dumps({**content, "settings": settings}))
-
-
-def _atomic_write(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    with os.fdopen(fd, "w") as f:
-        f.write(text)
-    os.chmod(tmp, 0o644)  # mkstemp makes it private; a report is for everyone who can read the folder
-    os.replace(tmp, path)
+    atomic_write(path, json.dumps({**content, "settings": settings}))
 
 
 class Pipeline:
@@ -224,7 +214,7 @@ class Pipeline:
         self.log(f"[{stage}] running")
         folder.mkdir(parents=True, exist_ok=True)
         result = run(folder)
-        _atomic_write(folder / "done.json", json.dumps({**result, "settings": settings}, indent=2))
+        atomic_write(folder / "done.json", json.dumps({**result, "settings": settings}, indent=2))
         return result
 
     def _data_settings(self) -> dict[str, Any]:
@@ -261,7 +251,7 @@ class Pipeline:
                 response = sequential_solution(ex, rng if shuffled else None)
             prompt = build_prompt(tokenizer, ex.question, parallel=noisy, style=c.prompt_style)
             lines.append(json.dumps({"question": ex.question, "response": response, "prompt_ids": prompt}))
-        _atomic_write(path, "\n".join(lines) + "\n")
+        atomic_write(path, "\n".join(lines) + "\n")
 
     def stage_seed(self) -> str:
         c = self.config.seed_model

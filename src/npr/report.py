@@ -6,6 +6,8 @@ import json
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from npr.files import atomic_write
+
 if TYPE_CHECKING:
     from npr.pipeline import Pipeline
 
@@ -116,19 +118,18 @@ def plot_curves(run_dir: Path, out: Path) -> None:
 
 def write_report(pipeline: Pipeline, models: dict[str, str], results: dict[str, dict[str, Any]]) -> dict:
     from npr.engine import load_rollouts
-    from npr.pipeline import _atomic_write
     from npr.viz import render_page
 
     out = pipeline.out_dir
     table = summarize(results)
     spec = pipeline.config.eval
-    _atomic_write(out / "report.json", json.dumps(table, indent=2))
+    atomic_write(out / "report.json", json.dumps(table, indent=2))
     checkpoints = "".join(f"- {LABELS[n]}: `{path}`\n" for n, path in models.items())
-    _atomic_write(
+    atomic_write(
         out / "report.md",
         markdown(table, spec.k, spec.problems, spec.latency_problems) + "\nCheckpoints:\n" + checkpoints,
     )
     plot_curves(pipeline.run_dir, out / "curves.png")
     samples = [r for name in ("npr", "npr_beta") for r in load_rollouts(out / name / "rollouts.jsonl")[:4]]
-    _atomic_write(out / "samples.html", render_page(samples, title="npr demo: sample trajectories"))
+    atomic_write(out / "samples.html", render_page(samples, title="npr demo: sample trajectories"))
     return table

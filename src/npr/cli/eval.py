@@ -57,11 +57,11 @@ def eval_command(
     if limit is not None and limit < 1:
         raise typer.BadParameter(f"--limit must be >= 1, got {limit}")
 
-    from npr.cli.common import load_any
     from npr.data import load_dataset
     from npr.engine import ParallelEngine
     from npr.eval import evaluate, paper_params
     from npr.eval.report import summary_markdown
+    from npr.model import load_any
 
     try:  # every user error surfaces here, before the model loads
         check_run(mode, baseline, k)

@@ -36,9 +36,9 @@ def sample(
     progress: Annotated[bool, typer.Option(help="Show a progress bar.")] = True,
 ) -> None:
     """Write the first correct, well-formed sample of each problem to --out; re-run to resume."""
-    from npr.cli.common import load_any
     from npr.data import PROMPT_STYLES, load_dataset
     from npr.engine import ParallelEngine, SamplingParams
+    from npr.model import load_any
     from npr.train.rejection import rejection_sample
 
     if limit is not None and limit < 1:

@@ -8,7 +8,7 @@ from typing import Annotated
 import typer
 
 from npr.cli import app
-from npr.cli.common import TINY, load_any
+from npr.model import TINY, load_any
 
 _DTYPES = {"float32", "bfloat16", "float16"}
 

@@ -8,7 +8,7 @@ from typing import Annotated
 import typer
 
 from npr.cli import app
-from npr.cli.common import load_any
+from npr.model import load_any
 
 
 @app.command()

@@ -8,17 +8,15 @@ import time
 from collections import deque
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Literal
 
 import torch
 
 from npr.engine.kv import Feed, KVPool
-from npr.engine.params import FinishReason, SamplingParams
+from npr.engine.params import FinishReason, Mode, SamplingParams
 from npr.engine.rollout import BlockRecord, BranchRecord, Rollout, RolloutStats
 from npr.engine.sampling import sample_tokens
 from npr.format import Event, EventKind, StreamParser, TagIds
 
-Mode = Literal["parallel", "sequential"]
 Prompt = str | Sequence[int] | Sequence[dict]
 _FORK_ERRORS = {"no_plan", "too_many_plans"}
 
@@ -462,7 +460,7 @@ class ParallelEngine:
             prompt_ids=list(r.prompt_ids),
             token_ids=list(r.response),
             position_ids=list(range(prompt_len)) + r.positions,
-            logprobs=r.logprobs,
+            sampled_logprobs=r.logprobs,
             loss_mask=r.loss_mask,
             text=text,
             finish_reason=r.finish or FinishReason.CANCELLED,

@@ -5,10 +5,14 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from enum import StrEnum
+from typing import Literal
 
 import torch
 
 from npr.format import MAX_PLANS
+
+Mode = Literal["parallel", "sequential"]
+"""`parallel` forks at every `</guideline>`; `sequential` decodes the same format as one causal stream."""
 
 LogitsProcessor = Callable[[list[int], torch.Tensor], torch.Tensor]
 """`fn(token_ids, logits) -> logits`: token_ids are the ids the decoding row can see (prompt + response,

@@ -3,13 +3,12 @@
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from collections.abc import Iterable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from npr.engine.params import FinishReason
+from npr.files import atomic_write
 from npr.format import extract_answer
 
 
@@ -44,7 +43,7 @@ class Rollout:
     prompt_ids: list[int]
     token_ids: list[int]  # response ids in canonical order: trunk, branch 1..n, takeaway, …
     position_ids: list[int]  # for prompt + response, as npr.layout builds them
-    logprobs: list[float]  # raw-logit log-softmax of each sampled response token; 0.0 for forced tokens
+    sampled_logprobs: list[float]  # log-softmax of the raw logits at each sampled token; 0.0 if forced
     loss_mask: list[int]  # 1 for sampled tokens, 0 for forced ones
     text: str
     finish_reason: FinishReason
@@ -68,6 +67,8 @@ class Rollout:
     @classmethod
     def from_dict(cls, d: dict) -> Rollout:
         d = dict(d)
+        if "logprobs" in d:  # files written before the rename
+            d["sampled_logprobs"] = d.pop("logprobs")
         d["finish_reason"] = FinishReason(d["finish_reason"])
         d["blocks"] = [
             BlockRecord(
@@ -81,13 +82,7 @@ class Rollout:
 
 def save_rollouts(rollouts: Iterable[Rollout], path: str | Path) -> None:
     """Write JSONL atomically (temp file + rename): a crash never leaves half a file."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    with os.fdopen(fd, "w") as f:
-        for r in rollouts:
-            f.write(json.dumps(r.to_dict()) + "\n")
-    os.replace(tmp, path)
+    atomic_write(path, "".join(json.dumps(r.to_dict()) + "\n" for r in rollouts))
 
 
 def load_rollouts(path: str | Path) -> list[Rollout]:

@@ -20,12 +20,10 @@ from typing import Any, Literal
 from tqdm.auto import tqdm
 
 from npr.data import Example, PromptStyle, build_prompt
-from npr.engine import ParallelEngine, Rollout, SamplingParams
+from npr.engine import Mode, ParallelEngine, Rollout, SamplingParams
 from npr.eval.metrics import RunMetrics, Speedup, format_valid, run_metrics, speedup
 from npr.eval.report import write_outputs
 from npr.rewards import AnswerCheck, accuracy_reward_batch
-
-Mode = Literal["parallel", "sequential"]
 
 PAPER_TEMPERATURE = 1.0
 """Sampling temperature of the paper's evaluation (DESIGN §7)."""

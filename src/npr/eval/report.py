@@ -12,13 +12,13 @@ A result folder holds:
 from __future__ import annotations
 
 import json
-import os
 from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from npr.engine import save_rollouts
 from npr.eval.metrics import RunMetrics, Speedup, problem_latencies
+from npr.files import atomic_write
 
 if TYPE_CHECKING:
     from npr.eval.harness import EvalResult, RunResult
@@ -98,20 +98,13 @@ def summary_markdown(summary: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def _write_text(path: Path, text: str) -> None:
-    """Write through a temp file and a rename, so a reader never sees half a file."""
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
-
-
 def write_summary(result: EvalResult, out_dir: str | Path) -> dict[str, Any]:
     """Write ``summary.json`` and ``summary.md``; return the summary."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     summary = result.summary()
-    _write_text(out_dir / SUMMARY_JSON, json.dumps(summary, indent=2, ensure_ascii=False) + "\n")
-    _write_text(out_dir / SUMMARY_MD, summary_markdown(summary))
+    atomic_write(out_dir / SUMMARY_JSON, json.dumps(summary, indent=2, ensure_ascii=False) + "\n")
+    atomic_write(out_dir / SUMMARY_MD, summary_markdown(summary))
     return summary
 
 
@@ -145,7 +138,7 @@ def write_plot(result: EvalResult, path: str | Path) -> None:
 
 def _write_run(run: RunResult, out_dir: Path, prefix: str) -> None:
     lines = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in run.records)
-    _write_text(out_dir / f"{prefix}{RECORDS}", lines)
+    atomic_write(out_dir / f"{prefix}{RECORDS}", lines)
     save_rollouts(run.rollouts, out_dir / f"{prefix}{ROLLOUTS}")
 
 

@@ -33,6 +33,7 @@ from pydantic import BaseModel
 from safetensors.torch import load_file
 
 import npr
+from npr.files import atomic_write
 
 if TYPE_CHECKING:
     from torch.optim.lr_scheduler import LRScheduler
@@ -107,12 +108,6 @@ def _step_dirs(run_dir: Path) -> list[Path]:
     return [path for _, path in sorted(found)]
 
 
-def _write_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(f"{_TMP_PREFIX}{path.name}")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
-
-
 def _move_into_place(tmp: Path, target: Path) -> None:
     """Rename `tmp` to `target`; an existing `target` (a step saved again after a resume) is replaced."""
     if target.exists():
@@ -179,7 +174,7 @@ def save_checkpoint(
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    _write_atomic(run_dir / LATEST_FILE, target.name + "\n")
+    atomic_write(run_dir / LATEST_FILE, target.name + "\n")
     for old in _step_dirs(run_dir)[:-keep_last]:
         if old != target:
             shutil.rmtree(old)

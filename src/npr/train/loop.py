@@ -31,7 +31,6 @@ import math
 import os
 import random
 import sys
-import tempfile
 from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from types import TracebackType
@@ -43,6 +42,7 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
+from npr.files import atomic_write
 from npr.train.checkpoint import TrainerState, latest_checkpoint, load_checkpoint, save_checkpoint
 from npr.train.sequences import TrainBatch
 
@@ -123,7 +123,7 @@ def load_train_model(
     model_path: str, dtype: str, device: torch.device
 ) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
     """A config's `model_path` (folder, run directory → its latest checkpoint, or `tiny`) in train mode."""
-    from npr.cli.common import TINY, load_any
+    from npr.model import TINY, load_any
     from npr.train.checkpoint import resolve_model_dir
 
     model, tokenizer = load_any(model_path if model_path == TINY else str(resolve_model_dir(model_path)))
@@ -322,10 +322,7 @@ class MetricLogger:
             for line in self.path.read_text(encoding="utf-8").splitlines()
             if line.strip() and json.loads(line)["step"] <= step
         ]
-        fd, tmp = tempfile.mkstemp(dir=self.path.parent, prefix=f".{self.path.name}.")
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write("".join(f"{line}\n" for line in kept))
-        os.replace(tmp, self.path)
+        atomic_write(self.path, "".join(f"{line}\n" for line in kept))
 
     def log(self, step: int, metrics: Mapping[str, float]) -> None:
         """Record `metrics` (names like `train/loss`) at optimizer step `step`."""

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
@@ -29,6 +28,7 @@ from tqdm import tqdm
 
 from npr.data import Example, PromptStyle, build_prompt
 from npr.engine import FinishReason, ParallelEngine, Rollout, SamplingParams
+from npr.files import atomic_write
 from npr.rewards import AnswerCheck, accuracy_reward_batch, format_penalty_batch
 
 DEFAULT_K = 8  # paper (DESIGN §5): 8 tries per problem
@@ -107,12 +107,7 @@ class _Journal:
             "output_bytes": self.output_bytes,
             "done": self.done,
         }
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            json.dump(data, f, indent=1)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
+        atomic_write(path, json.dumps(data, indent=1))
 
 
 def _open_journal(out: Path, stats_path: Path, settings: dict[str, Any]) -> _Journal:

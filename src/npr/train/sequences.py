@@ -70,7 +70,7 @@ def rollout_example(rollout: Rollout) -> TrainExample:
         rollout.token_ids,
         rollout.loss_mask,
         rollout.mode == "parallel",
-        rollout.logprobs,
+        rollout.sampled_logprobs,
     )
 
 
