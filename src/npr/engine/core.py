@@ -1,5 +1,10 @@
 """The decoding loop: admit requests, fork at </guideline>, decode every branch of every request in one
-forward per step, merge at the longest branch, and hand back Rollouts (DESIGN §3–§4)."""
+forward per step, merge at the longest branch, and hand back Rollouts (DESIGN §3–§4).
+
+The loop is the same on every backend; a backend is the cache that turns a step's feeds (token, position,
+block, branch) into logits (`CacheBackend`): `npr.engine.kv.KVPool` on a Hugging Face model, or
+`npr.engine.llamacpp.LlamaCppCache` on llama.cpp.
+"""
 
 from __future__ import annotations
 
@@ -8,9 +13,11 @@ import time
 from collections import deque
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from typing import Protocol
 
 import torch
 
+from npr.engine.handle import EngineStats, RequestHandle, add_requests, run_to_completion
 from npr.engine.kv import Feed, KVPool
 from npr.engine.params import FinishReason, Mode, SamplingParams
 from npr.engine.rollout import BlockRecord, BranchRecord, Rollout, RolloutStats
@@ -71,24 +78,56 @@ class _Request:
         return self.positions[-1] + 1 if self.positions else len(self.prompt_ids)
 
 
-class ParallelEngine:
-    """Native parallel decoding over one shared KV pool.
+class CacheBackend(Protocol):
+    """The part of an engine that holds the KV cache and runs the model."""
+
+    device: torch.device  # where per-request generators live
+    max_positions: int  # the model's context length
+
+    def forward(self, feeds: list[Feed], sample_at: list[int]) -> torch.Tensor:
+        """Append `feeds` to their requests' caches; float32 logits `[len(sample_at), V]` at those feeds."""
+        ...
+
+    def check_request(self, prompt_len: int, params: SamplingParams) -> None:
+        """Raise a ValueError naming the limit if such a request could never fit the cache."""
+        ...
+
+    def reserve(self, owner: int, prompt_len: int, params: SamplingParams) -> bool:
+        """Claim room for a request about to be admitted; False: not now (others must finish first)."""
+        ...
+
+    def release(self, owner: int) -> None: ...
+    def collect(self) -> None: ...
+    def reset(self) -> None: ...
+    def __len__(self) -> int: ...
+    def bytes_used(self) -> int: ...
+
+
+class DecodingEngine:
+    """Native parallel decoding over one shared cache (any `CacheBackend`).
 
     `max_batch_requests` bounds live requests; `prefill_tokens` bounds prompt tokens admitted per step
     (new requests join the running batch, continuous-batching style).
     """
 
-    def __init__(self, model, tokenizer, *, max_batch_requests: int = 64, prefill_tokens: int = 4096):
-        self.model = model.eval()
+    backend = "abstract"
+
+    def __init__(
+        self,
+        tokenizer,
+        cache: CacheBackend,
+        eos_ids: set[int],
+        *,
+        max_batch_requests: int = 64,
+        prefill_tokens: int = 4096,
+    ):
         self.tokenizer = tokenizer
         self.tags = TagIds.from_tokenizer(tokenizer)
-        self.pool = KVPool(model, pad_id=tokenizer.pad_token_id or 0)
+        self.pool = cache
         self.max_batch_requests = max_batch_requests
         self.prefill_tokens = prefill_tokens
-        self.max_positions = int(getattr(model.config, "max_position_embeddings", 1 << 30))
-        gen_eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
-        gen_eos = gen_eos if isinstance(gen_eos, list) else [gen_eos]
-        self.eos_ids = {int(e) for e in [tokenizer.eos_token_id, *gen_eos] if e is not None}
+        self.max_positions = cache.max_positions
+        self.eos_ids = eos_ids
         self._pieces: dict[int, str] = {}
         self._uids = itertools.count()
         self._blocks = itertools.count()
@@ -102,26 +141,18 @@ class ParallelEngine:
     ) -> list[Rollout]:
         """Decode every prompt `params.n` times; rollouts come back prompt-major, in input order."""
         params = params or SamplingParams()
-        encoded = [self.encode_prompt(p) for p in prompts]  # refuse a bad prompt before queuing any
-        flat = [r for i, ids in enumerate(encoded) for r in self.add_request(ids, params, mode, index=i)]
-        try:
-            while any(r.finish is None for r in flat):
-                self.step()
-        except BaseException:  # e.g. a failing logits processor: leave no request behind
-            for r in flat:
-                self.cancel(r)
-            raise
-        return [self.rollout(r) for r in flat]
+        return run_to_completion(self, add_requests(self, prompts, params, mode))
 
     def add_request(
         self, prompt: Prompt, params: SamplingParams, mode: Mode = "parallel", index: int = 0
-    ) -> list[_Request]:
+    ) -> list[RequestHandle]:
         """Queue n samples of one prompt; they are admitted at the next `step()`."""
         if mode not in ("parallel", "sequential"):
             raise ValueError(f"mode must be 'parallel' or 'sequential', got {mode!r}")
         ids = self.encode_prompt(prompt)
         if len(ids) + 1 > self.max_positions:
             raise ValueError(f"prompt has {len(ids)} tokens; the model's context is {self.max_positions}")
+        self.pool.check_request(len(ids), params)
         stop_on_violation = params.stop_on_violation
         if stop_on_violation is None:
             stop_on_violation = mode == "parallel"
@@ -142,11 +173,12 @@ class ParallelEngine:
                 stop_on_violation=stop_on_violation,
             )
             self.waiting.append(r)
-            out.append(r)
+            out.append(RequestHandle(r))
         return out
 
-    def cancel(self, request: _Request) -> None:
+    def cancel(self, handle: RequestHandle) -> None:
         """Withdraw a request (e.g. its client went away) and free its cache slots."""
+        request: _Request = handle._state
         if request in self.waiting:
             self.waiting.remove(request)
         if request in self.running:
@@ -160,6 +192,7 @@ class ParallelEngine:
         for r in [*self.waiting, *self.running]:
             if r.finish is None:
                 r.finish = FinishReason.CANCELLED
+                r.feeds, r.samples = [], []
         self.waiting.clear()
         self.running = []
         self.pool.reset()
@@ -182,7 +215,10 @@ class ParallelEngine:
             raise ValueError(f"prompt token {bad[0]} is a tag id; tags may only be generated")
         return list(ids)
 
-    def step(self) -> list[_Request]:
+    def stats(self) -> EngineStats:
+        return EngineStats(len(self.running), len(self.waiting), len(self.pool), self.pool.bytes_used())
+
+    def step(self) -> list[RequestHandle]:
         """Admit waiting requests, run one batched forward, sample one token per live unit.
 
         Returns the requests that finished during this step. If a logits processor raised, its request
@@ -229,7 +265,7 @@ class ParallelEngine:
             for k, (r, unit), token in zip(rows, live, tokens, strict=True):
                 if r.finish is None:  # an earlier unit of the same request may have ended it
                     self._emit(r, unit, token, float(logprobs[k, token]))
-        done = [r for r in self.running if r.finish is not None]
+        done = [RequestHandle(r) for r in self.running if r.finish is not None]
         self.running = [r for r in self.running if r.finish is None]
         self.pool.collect()
         if errors:  # the step is complete and consistent; now tell the caller
@@ -248,6 +284,8 @@ class ParallelEngine:
             r = self.waiting[0]
             if len(r.prompt_ids) > budget and budget != self.prefill_tokens:
                 break  # a long prompt waits for a step of its own
+            if not self.pool.reserve(r.uid, len(r.prompt_ids), r.params):
+                break  # the cache is full: wait for running requests to finish
             self.waiting.popleft()
             budget -= len(r.prompt_ids)
             r.started = time.perf_counter()
@@ -441,7 +479,8 @@ class ParallelEngine:
 
     # ------------------------------------------------------------------ results
 
-    def rollout(self, r: _Request) -> Rollout:
+    def rollout(self, handle: RequestHandle) -> Rollout:
+        r: _Request = handle._state
         ids = r.response[:-1] if r.response and r.response[-1] in self.eos_ids else r.response
         text = self.tokenizer.decode(ids, skip_special_tokens=False)
         if r.stop_reason in r.params.stop:
@@ -468,4 +507,20 @@ class ParallelEngine:
             mode=r.mode,
             blocks=r.blocks,
             stats=stats,
+        )
+
+
+class ParallelEngine(DecodingEngine):
+    """The reference backend: our KV pool on any Hugging Face causal LM (CPU or CUDA), exact by design."""
+
+    backend = "hf"
+
+    def __init__(self, model, tokenizer, *, max_batch_requests: int = 64, prefill_tokens: int = 4096):
+        self.model = model.eval()
+        gen_eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+        gen_eos = gen_eos if isinstance(gen_eos, list) else [gen_eos]
+        eos_ids = {int(e) for e in [tokenizer.eos_token_id, *gen_eos] if e is not None}
+        pool = KVPool(model, pad_id=tokenizer.pad_token_id or 0)
+        super().__init__(
+            tokenizer, pool, eos_ids, max_batch_requests=max_batch_requests, prefill_tokens=prefill_tokens
         )

@@ -21,6 +21,8 @@ import torch
 import torch.nn.functional as F
 from transformers import DynamicCache, PreTrainedModel
 
+from npr.engine.params import SamplingParams
+
 TRUNK = -1  # block/branch id of tokens outside any branch
 
 
@@ -90,12 +92,19 @@ class KVPool:
         self.device = next(model.parameters()).device
         self.dtype = next(model.parameters()).dtype
         self.pad_id = pad_id
+        self.max_positions = int(getattr(model.config, "max_position_embeddings", 1 << 30))
         self._cache_kw = cache_kwarg(self.decoder)
         self.reset()
 
     def reset(self) -> None:
         self.rows = self._empty_rows(0)
         self.dead: set[int] = set()
+
+    def check_request(self, prompt_len: int, params: SamplingParams) -> None:
+        """Any request fits: rows grow as needed (the model's context is checked by the engine)."""
+
+    def reserve(self, owner: int, prompt_len: int, params: SamplingParams) -> bool:
+        return True
 
     def _empty_rows(self, n: int) -> _Rows:
         empty = torch.empty(n, 0, dtype=torch.long, device=self.device)

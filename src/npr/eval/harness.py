@@ -13,14 +13,22 @@ import datetime
 import statistics
 import time
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
 from tqdm.auto import tqdm
 
 from npr.data import Example, PromptStyle, build_prompt
-from npr.engine import Mode, ParallelEngine, Rollout, SamplingParams
+from npr.engine import (
+    Engine,
+    Mode,
+    RequestHandle,
+    Rollout,
+    SamplingParams,
+    add_requests,
+    run_to_completion,
+)
 from npr.eval.metrics import RunMetrics, Speedup, format_valid, run_metrics, speedup
 from npr.eval.report import write_outputs
 from npr.rewards import AnswerCheck, accuracy_reward_batch
@@ -32,7 +40,8 @@ PAPER_TOP_P = 0.7
 PAPER_K = 8
 """Samples per problem on small benchmarks in the paper (1 on large ones; DESIGN §7)."""
 DEFAULT_MAX_NEW_TOKENS = 4096
-"""Ours: the token budget over all branches of one answer (the paper does not state its eval budget)."""
+"""Ours: the token budget over all branches of one answer outside a protocol (the paper's is
+`npr.eval.protocol.PAPER_MAX_NEW_TOKENS`, too long for a quick run)."""
 WARMUP_TOKENS = 8
 """Tokens of the untimed warm-up decode (first-call costs such as kernel setup stay out of TPS)."""
 
@@ -87,32 +96,23 @@ def _params_dict(params: SamplingParams) -> dict[str, Any]:
 
 
 def _decode(
-    engine: ParallelEngine, prompts: Sequence[list[int]], params: SamplingParams, mode: Mode, progress: bool
+    engine: Engine, prompts: Sequence[list[int]], params: SamplingParams, mode: Mode, progress: bool
 ) -> tuple[list[Rollout], float]:
     """All prompts × n samples, queued at once; the bar advances when a problem's last sample finishes.
 
     On any error (a prompt too long, Ctrl-C) the requests still open are cancelled, so the engine stays usable.
     """
     start = time.perf_counter()
-    flat: list = []
-    try:
-        for i, p in enumerate(prompts):
-            flat += engine.add_request(p, params, mode, index=i)
-        ours = {r.uid for r in flat}
-        left = [params.n] * len(prompts)
-        with tqdm(total=len(prompts), desc=f"eval {mode}", unit="problem", disable=not progress) as bar:
-            while any(r.finish is None for r in flat):
-                for r in engine.step():
-                    if r.uid in ours:
-                        left[r.index] -= 1
-                        if left[r.index] == 0:
-                            bar.update()
-    finally:
-        for r in flat:
-            if r.finish is None:
-                engine.cancel(r)
-    wall = time.perf_counter() - start
-    return [engine.rollout(r) for r in flat], wall
+    left = [params.n] * len(prompts)
+    with tqdm(total=len(prompts), desc=f"eval {mode}", unit="problem", disable=not progress) as bar:
+
+        def finished(handle: RequestHandle) -> None:
+            left[handle.index] -= 1
+            if left[handle.index] == 0:
+                bar.update()
+
+        rollouts = run_to_completion(engine, add_requests(engine, prompts, params, mode), on_finish=finished)
+    return rollouts, time.perf_counter() - start
 
 
 def _records(
@@ -143,18 +143,34 @@ def _records(
 
 @dataclass(frozen=True)
 class PromptSpec:
-    """Which instruction the prompts carry: the format one (None: iff decoding in parallel) and its style."""
+    """Which instruction the prompts carry: the format one (None: iff decoding in parallel) and its style.
+
+    ``template`` goes to the chat template (``{"enable_thinking": False}`` for a Qwen3 non-thinking model);
+    ``tags_as_ids`` as in :func:`npr.data.build_prompt` (default: only for the ``official`` style).
+    """
 
     format: bool | None = None
     style: PromptStyle = "full"
+    template: Mapping[str, Any] = field(default_factory=dict)
+    tags_as_ids: bool | None = None
 
-    def build(self, engine: ParallelEngine, question: str, mode: Mode) -> list[int]:
+    def build(self, engine: Engine, question: str, mode: Mode) -> list[int]:
         parallel = mode == "parallel" if self.format is None else self.format
-        return build_prompt(engine.tokenizer, question, parallel=parallel, style=self.style)
+        return build_prompt(
+            engine.tokenizer,
+            question,
+            parallel=parallel,
+            style=self.style,
+            template=self.template,
+            tags_as_ids=self.tags_as_ids,
+        )
+
+    def to_dict(self) -> dict[str, Any]:
+        return {**dataclasses.asdict(self), "template": dict(self.template)}
 
 
 def _run(
-    engine: ParallelEngine,
+    engine: Engine,
     examples: Sequence[Example],
     params: SamplingParams,
     mode: Mode,
@@ -173,7 +189,7 @@ def _run(
 
 
 def _warm_up(
-    engine: ParallelEngine,
+    engine: Engine,
     example: Example,
     params: SamplingParams,
     modes: Sequence[Mode],
@@ -189,7 +205,7 @@ def _warm_up(
 class LatencyRun:
     """One decoder to time: an engine (its model), the mode it decodes in and its prompts."""
 
-    engine: ParallelEngine
+    engine: Engine
     mode: Mode
     prompt: PromptSpec = PromptSpec()
 
@@ -238,7 +254,7 @@ def check_run(mode: str, baseline: str | None, k: int) -> None:
 
 
 def evaluate(
-    engine: ParallelEngine,
+    engine: Engine,
     dataset: Sequence[Example],
     k: int = PAPER_K,
     params: SamplingParams | None = None,
@@ -279,6 +295,7 @@ def evaluate(
         "verifier": getattr(verifier, "__name__", type(verifier).__name__) if verifier else "math-verify",
         "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
         "info": info or {},
+        "prompt": prompt.to_dict(),
     }
     result = EvalResult(settings, runs[0])
     if baseline is not None:

@@ -1,4 +1,4 @@
-"""The FastAPI app: OpenAI-compatible endpoints over one `ParallelEngine` driven by a `Scheduler` thread.
+"""The FastAPI app: OpenAI-compatible endpoints over one engine (any backend) driven by a `Scheduler` thread.
 
 Every client error is answered with a 4xx and an OpenAI-style body naming the field at fault; nothing a
 client sends can stop the server. A client that goes away has its request cancelled and its cache freed.
@@ -19,7 +19,7 @@ from starlette.exceptions import HTTPException
 from starlette.types import Receive, Scope, Send
 
 from npr.data import user_content
-from npr.engine import ParallelEngine, ParamError, Rollout, SamplingParams
+from npr.engine import Engine, ParamError, Rollout, SamplingParams
 from npr.serve.responses import Reply, sse
 from npr.serve.scheduler import Admitted, ChoiceDelta, ChoiceDone, Event, Failed, Job, Prompt, Scheduler
 from npr.serve.schemas import (
@@ -78,7 +78,7 @@ class _Server:
 
     def __init__(
         self,
-        engine: ParallelEngine,
+        engine: Engine,
         model_name: str,
         defaults: Mapping[str, Any],
         format_instruction: bool,
@@ -235,7 +235,7 @@ def _text_prompts(req: CompletionRequest) -> list[Prompt]:
 
 
 def create_app(
-    engine: ParallelEngine,
+    engine: Engine,
     *,
     model_name: str = "npr",
     sampling_defaults: Mapping[str, Any] | None = None,

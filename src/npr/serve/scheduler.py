@@ -19,7 +19,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, fields
 from typing import Literal
 
-from npr.engine import ParallelEngine, Rollout, SamplingParams
+from npr.engine import Engine, Rollout, SamplingParams
 from npr.serve.schemas import ApiError, BranchRef
 from npr.serve.stream import RequestWatcher
 
@@ -128,7 +128,7 @@ class _Cancel:
 class Scheduler:
     """Owns `engine` on a background thread; `submit`/`cancel` are safe from any thread."""
 
-    def __init__(self, engine: ParallelEngine, *, tps_window: float = 10.0):
+    def __init__(self, engine: Engine, *, tps_window: float = 10.0):
         self.engine = engine
         self.tps_window = tps_window
         self.counters = Counters()
@@ -266,11 +266,11 @@ class Scheduler:
         self.engine.abort_all()
 
     def _refresh_gauges(self) -> None:
-        pool = self.engine.pool
+        stats = self.engine.stats()
         self._gauges = {
             "requests_running": len(self._jobs),
-            "samples_running": len(self.engine.running),
-            "samples_waiting": len(self.engine.waiting),
-            "kv_slots": len(pool),
-            "kv_bytes": pool.bytes_used(),
+            "samples_running": stats.running,
+            "samples_waiting": stats.waiting,
+            "kv_slots": stats.kv_slots,
+            "kv_bytes": stats.kv_bytes,
         }

@@ -1,8 +1,8 @@
-"""Per-branch text deltas from the engine's request state, found by diffing a request after every step.
+"""Per-branch text deltas from an engine's request handle, found by diffing it after every step.
 
-The engine reports nothing per token; it grows each request in place: trunk tokens go to `response`, the
-open block's tokens to `branches[i].tokens`, and at a merge (or a cut) the branches move into `response` in
-canonical order and a `BlockRecord` is appended. A watcher remembers how far it has read each of those and
+The engine reports nothing per token; each request's read-only handle grows in place: trunk tokens go to
+`response`, the open block's tokens to `open_branches[i].tokens`, and at a merge (or a cut) the branches
+move into `response` in canonical order and a `BlockRecord` is appended. A watcher remembers how far it has read each of those and
 turns the growth into deltas: the trunk's (branch None) and each branch's (block, branch, plan id).
 
 Concatenating the trunk's deltas around each block's branch deltas (branch order) gives the answer's text
@@ -14,6 +14,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
+from npr.engine import RequestHandle
 from npr.serve.schemas import BranchRef
 
 
@@ -64,7 +65,7 @@ class Progress:
 class RequestWatcher:
     """Reads one engine request's growth; `detokenize=False` only counts (non-streaming requests)."""
 
-    def __init__(self, request: Any, tokenizer: Any, eos_ids: set[int], *, detokenize: bool):
+    def __init__(self, request: RequestHandle, tokenizer: Any, eos_ids: set[int], *, detokenize: bool):
         self.request = request
         self.tokenizer = tokenizer
         self.eos_ids = eos_ids
@@ -100,24 +101,27 @@ class RequestWatcher:
             self.blocks_seen += 1
             self.branch_read = []
         tail, self.cursor = r.response[self.cursor :], len(r.response)
-        if r.finish is not None:  # a finish closes the open block first: only the trunk is left
+        branches = r.open_branches
+        if r.finished:  # a finish closes the open block first: only the trunk is left
             self._finish(tail, out)
         else:
             # Once a block is open nothing is held: the trunk text must be out before the branches' text.
-            self._trunk(tail, out, hold=0 if r.branches else self.hold)
-        for b in r.branches:  # the open block
-            if b.index == len(self.branch_read):
+            self._trunk(tail, out, hold=0 if branches else self.hold)
+        for branch in branches:  # the open block
+            if branch.index == len(self.branch_read):
                 self.branch_read.append(0)
-            self._branch(self.blocks_seen, b.index, b.plan_id, b.tokens[self.branch_read[b.index] :], out)
-            self.branch_read[b.index] = len(b.tokens)
+            new = branch.tokens[self.branch_read[branch.index] :]
+            self._branch(self.blocks_seen, branch.index, branch.plan_id, new, out)
+            self.branch_read[branch.index] = len(branch.tokens)
         self._count(out)
         return out
 
     def _count(self, out: Progress) -> None:
         r = self.request
-        forks = len(r.blocks) + (1 if r.branches else 0)
-        branches = sum(len(b.branches) for b in r.blocks) + len(r.branches)
-        now = (r.used, forks, branches)
+        open_branches = len(r.open_branches)
+        forks = len(r.blocks) + (1 if open_branches else 0)
+        branches = sum(len(b.branches) for b in r.blocks) + open_branches
+        now = (r.tokens_used, forks, branches)
         out.tokens, out.forks, out.branches = (a - b for a, b in zip(now, self.counted, strict=True))
         self.counted = now
 

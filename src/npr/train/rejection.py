@@ -27,7 +27,7 @@ from typing import Any
 from tqdm import tqdm
 
 from npr.data import Example, PromptStyle, build_prompt
-from npr.engine import FinishReason, ParallelEngine, Rollout, SamplingParams
+from npr.engine import Engine, FinishReason, Rollout, SamplingParams, add_requests, run_to_completion
 from npr.files import atomic_write
 from npr.rewards import AnswerCheck, accuracy_reward_batch, format_penalty_batch
 
@@ -150,7 +150,7 @@ def _append(out: Path, lines: Sequence[str]) -> int:
 
 
 def _sample(
-    engine: ParallelEngine,
+    engine: Engine,
     problems: Sequence[tuple[int, Example]],
     params: SamplingParams,
     k: int,
@@ -158,18 +158,11 @@ def _sample(
     style: PromptStyle,
 ) -> list[list[Rollout]]:
     """K sequential rollouts per problem, all problems decoded as one engine batch."""
-    requests = [
-        engine.add_request(
-            build_prompt(engine.tokenizer, example.question, parallel=True, style=style),
-            replace(params, n=k, seed=problem_seed(seed, index, k)),
-            "sequential",
-            index=index,
-        )
-        for index, example in problems
-    ]
-    while engine.has_work:
-        engine.step()
-    return [[engine.rollout(r) for r in group] for group in requests]
+    prompts = [build_prompt(engine.tokenizer, ex.question, parallel=True, style=style) for _, ex in problems]
+    per_problem = [replace(params, n=k, seed=problem_seed(seed, index, k)) for index, _ in problems]
+    indices = [index for index, _ in problems]
+    rollouts = run_to_completion(engine, add_requests(engine, prompts, per_problem, "sequential", indices))
+    return [rollouts[i : i + k] for i in range(0, len(rollouts), k)]
 
 
 def _first_accepted(
@@ -207,7 +200,7 @@ def _batches(items: list[tuple[int, Example]], size: int) -> Iterator[list[tuple
 
 
 def rejection_sample(
-    engine: ParallelEngine,
+    engine: Engine,
     examples: Sequence[Example],
     out_path: str | Path,
     *,
