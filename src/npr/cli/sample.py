@@ -9,6 +9,7 @@ from typing import Annotated
 import typer
 
 from npr.cli import app
+from npr.cli.options import BackendOption, open_engine
 from npr.train.rejection import DEFAULT_K, DEFAULT_PROBLEMS_PER_BATCH
 
 
@@ -34,11 +35,11 @@ def sample(
         str, typer.Option(help="Instruction text: 'full' (pretrained models) or 'short' (the demo's).")
     ] = "full",
     progress: Annotated[bool, typer.Option(help="Show a progress bar.")] = True,
+    backend: BackendOption = "hf",
 ) -> None:
     """Write the first correct, well-formed sample of each problem to --out; re-run to resume."""
     from npr.data import PROMPT_STYLES, load_dataset
-    from npr.engine import ParallelEngine, SamplingParams
-    from npr.model import load_any
+    from npr.engine import SamplingParams
     from npr.train.rejection import rejection_sample
 
     if limit is not None and limit < 1:
@@ -50,8 +51,7 @@ def sample(
         dataset = load_dataset(data)[:limit]
     except (ValueError, OSError) as exc:  # DataError and ParamError are ValueErrors
         raise typer.BadParameter(str(exc)) from None
-    net, tok = load_any(model)
-    engine = ParallelEngine(net, tok, max_batch_requests=max(64, k * problems_per_batch))
+    engine = open_engine(model, backend, max_batch_requests=max(64, k * problems_per_batch))
     try:
         stats = rejection_sample(
             engine,

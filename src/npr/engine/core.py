@@ -13,7 +13,7 @@ import time
 from collections import deque
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import Any, Protocol
 
 import torch
 
@@ -25,7 +25,8 @@ from npr.engine.sampling import sample_tokens
 from npr.format import Event, EventKind, StreamParser, TagIds
 
 Prompt = str | Sequence[int] | Sequence[dict]
-_FORK_ERRORS = {"no_plan", "too_many_plans"}
+_FORK_ERRORS = {"no_plan", "too_many_plans", "missing_id", "text_in_guideline", "stray_text"}
+"""Violations at a `</guideline>` that refuse the fork: the guideline `check` would reject for its plans."""
 
 
 @dataclass
@@ -88,11 +89,14 @@ class CacheBackend(Protocol):
         """Append `feeds` to their requests' caches; float32 logits `[len(sample_at), V]` at those feeds."""
         ...
 
-    def check_request(self, prompt_len: int, params: SamplingParams) -> None:
-        """Raise a ValueError naming the limit if such a request could never fit the cache."""
+    def check_request(self, cells: int, sequences: int) -> None:
+        """Raise a ValueError naming the limit if a request needing this much could never fit the cache.
+
+        `cells`: prompt + max_new_tokens (its worst case); `sequences`: 1, plus max_plans in parallel mode.
+        """
         ...
 
-    def reserve(self, owner: int, prompt_len: int, params: SamplingParams) -> bool:
+    def reserve(self, owner: int, cells: int, sequences: int) -> bool:
         """Claim room for a request about to be admitted; False: not now (others must finish first)."""
         ...
 
@@ -103,11 +107,18 @@ class CacheBackend(Protocol):
     def bytes_used(self) -> int: ...
 
 
+def _worst_case(prompt_len: int, params: SamplingParams, mode: Mode) -> tuple[int, int]:
+    """Cache cells and sequences a request may need at most (the ledger bounds every generated token)."""
+    return prompt_len + params.max_new_tokens, 1 + (params.max_plans if mode == "parallel" else 0)
+
+
 class DecodingEngine:
     """Native parallel decoding over one shared cache (any `CacheBackend`).
 
     `max_batch_requests` bounds live requests; `prefill_tokens` bounds prompt tokens admitted per step
-    (new requests join the running batch, continuous-batching style).
+    (new requests join the running batch, continuous-batching style). `allow_prompt_tags` accepts prompts
+    that contain tag ids (the paper's official prompt is tokenised that way); structure is parsed only from
+    the response, so such a prompt never forks.
     """
 
     backend = "abstract"
@@ -120,8 +131,10 @@ class DecodingEngine:
         *,
         max_batch_requests: int = 64,
         prefill_tokens: int = 4096,
+        allow_prompt_tags: bool = False,
     ):
         self.tokenizer = tokenizer
+        self.allow_prompt_tags = allow_prompt_tags
         self.tags = TagIds.from_tokenizer(tokenizer)
         self.pool = cache
         self.max_batch_requests = max_batch_requests
@@ -152,7 +165,7 @@ class DecodingEngine:
         ids = self.encode_prompt(prompt)
         if len(ids) + 1 > self.max_positions:
             raise ValueError(f"prompt has {len(ids)} tokens; the model's context is {self.max_positions}")
-        self.pool.check_request(len(ids), params)
+        self.pool.check_request(*_worst_case(len(ids), params, mode))
         stop_on_violation = params.stop_on_violation
         if stop_on_violation is None:
             stop_on_violation = mode == "parallel"
@@ -198,7 +211,7 @@ class DecodingEngine:
         self.pool.reset()
 
     def encode_prompt(self, prompt: Prompt) -> list[int]:
-        """Chat messages, a string or token ids → prompt ids; tag ids never occur in a prompt."""
+        """Chat messages, a string or token ids → prompt ids; tag ids only if `allow_prompt_tags`."""
         if isinstance(prompt, str):
             ids = self.tokenizer(prompt, add_special_tokens=False, split_special_tokens=True)["input_ids"]
         elif prompt and isinstance(prompt[0], dict):
@@ -210,7 +223,7 @@ class DecodingEngine:
         if not ids:
             raise ValueError("empty prompt")
         tags = set(self.tags.as_tuple())
-        bad = [i for i, t in enumerate(ids) if t in tags]
+        bad = [] if self.allow_prompt_tags else [i for i, t in enumerate(ids) if t in tags]
         if bad:
             raise ValueError(f"prompt token {bad[0]} is a tag id; tags may only be generated")
         return list(ids)
@@ -284,7 +297,7 @@ class DecodingEngine:
             r = self.waiting[0]
             if len(r.prompt_ids) > budget and budget != self.prefill_tokens:
                 break  # a long prompt waits for a step of its own
-            if not self.pool.reserve(r.uid, len(r.prompt_ids), r.params):
+            if not self.pool.reserve(r.uid, *_worst_case(len(r.prompt_ids), r.params, r.mode)):
                 break  # the cache is full: wait for running requests to finish
             self.waiting.popleft()
             budget -= len(r.prompt_ids)
@@ -515,12 +528,11 @@ class ParallelEngine(DecodingEngine):
 
     backend = "hf"
 
-    def __init__(self, model, tokenizer, *, max_batch_requests: int = 64, prefill_tokens: int = 4096):
+    def __init__(self, model, tokenizer, **options: Any):
+        """`options`: those of `DecodingEngine` (max_batch_requests, prefill_tokens, allow_prompt_tags)."""
         self.model = model.eval()
         gen_eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
         gen_eos = gen_eos if isinstance(gen_eos, list) else [gen_eos]
         eos_ids = {int(e) for e in [tokenizer.eos_token_id, *gen_eos] if e is not None}
         pool = KVPool(model, pad_id=tokenizer.pad_token_id or 0)
-        super().__init__(
-            tokenizer, pool, eos_ids, max_batch_requests=max_batch_requests, prefill_tokens=prefill_tokens
-        )
+        super().__init__(tokenizer, pool, eos_ids, **options)

@@ -21,8 +21,6 @@ import torch
 import torch.nn.functional as F
 from transformers import DynamicCache, PreTrainedModel
 
-from npr.engine.params import SamplingParams
-
 TRUNK = -1  # block/branch id of tokens outside any branch
 
 
@@ -100,10 +98,10 @@ class KVPool:
         self.rows = self._empty_rows(0)
         self.dead: set[int] = set()
 
-    def check_request(self, prompt_len: int, params: SamplingParams) -> None:
+    def check_request(self, cells: int, sequences: int) -> None:
         """Any request fits: rows grow as needed (the model's context is checked by the engine)."""
 
-    def reserve(self, owner: int, prompt_len: int, params: SamplingParams) -> bool:
+    def reserve(self, owner: int, cells: int, sequences: int) -> bool:
         return True
 
     def _empty_rows(self, n: int) -> _Rows:

@@ -26,11 +26,20 @@ from npr.serve.schemas import (
     ApiError,
     ChatCompletionRequest,
     CompletionRequest,
+    ErrorBody,
     ModelCard,
     ModelList,
     SamplingFields,
 )
 
+ERRORS: dict[int | str, dict[str, Any]] = {
+    400: {
+        "model": ErrorBody,
+        "description": "The body is not valid JSON or a field is wrong; `param` names it.",
+    },
+    405: {"model": ErrorBody, "description": "Wrong HTTP method; the `Allow` header lists the right ones."},
+}
+"""Error answers the completion endpoints document in the OpenAPI schema."""
 POLL_SECONDS = 1.0  # how often a waiting handler checks its client; also the SSE keep-alive period
 _REQUEST_FIELD = {"max_new_tokens": "max_tokens"}  # SamplingParams name → request field name
 T = TypeVar("T", bound=BaseModel)
@@ -276,14 +285,16 @@ def create_app(
 
     @app.exception_handler(HTTPException)
     async def http_error(request: Request, e: HTTPException) -> JSONResponse:
-        return JSONResponse(ApiError(e.status_code, str(e.detail)).body(), status_code=e.status_code)
+        body = ApiError(e.status_code, str(e.detail)).body()
+        return JSONResponse(body, status_code=e.status_code, headers=e.headers)  # a 405 keeps its Allow
 
-    @app.post("/v1/chat/completions")
+    # Bodies are parsed by hand (any Content-Type, OpenAI-style errors); the schema still declares them.
+    @app.post("/v1/chat/completions", responses=ERRORS, openapi_extra=_body(ChatCompletionRequest))
     async def chat_completions(request: Request) -> Response:
         req = await _parse(request, ChatCompletionRequest)
         return await server.complete(request, req, _chat_prompt(server, req), Reply("chat", model_name))
 
-    @app.post("/v1/completions")
+    @app.post("/v1/completions", responses=ERRORS, openapi_extra=_body(CompletionRequest))
     async def completions(request: Request) -> Response:
         req = await _parse(request, CompletionRequest)
         return await server.complete(request, req, _text_prompts(req), Reply("text", model_name))
@@ -304,4 +315,26 @@ def create_app(
             return PlainTextResponse(_prometheus(server.metrics()))
         return JSONResponse(server.metrics())
 
+    app.openapi = lambda: _openapi(app, (ChatCompletionRequest, CompletionRequest))  # type: ignore[method-assign]
     return app
+
+
+def _body(model: type[BaseModel]) -> dict[str, Any]:
+    """An OpenAPI `requestBody` naming `model`'s schema (added to the components by `_openapi`)."""
+    ref = {"$ref": f"#/components/schemas/{model.__name__}"}
+    return {"requestBody": {"required": True, "content": {"application/json": {"schema": ref}}}}
+
+
+def _openapi(app: FastAPI, bodies: tuple[type[BaseModel], ...]) -> dict[str, Any]:
+    """FastAPI's schema plus the request body models the routes refer to."""
+    if app.openapi_schema is None:
+        from fastapi.openapi.utils import get_openapi
+
+        schema = get_openapi(title=app.title, version=app.version, summary=app.summary, routes=app.routes)
+        components = schema.setdefault("components", {}).setdefault("schemas", {})
+        for model in bodies:
+            body = model.model_json_schema(ref_template="#/components/schemas/{model}")
+            components.update(body.pop("$defs", {}))
+            components[model.__name__] = body
+        app.openapi_schema = schema
+    return app.openapi_schema

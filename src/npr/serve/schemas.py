@@ -34,6 +34,19 @@ class ApiError(Exception):
         return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
 
 
+class ErrorDetail(BaseModel):
+    message: str
+    type: str
+    param: str | None = None
+    code: str | None = None
+
+
+class ErrorBody(BaseModel):
+    """What every 4xx/5xx answer carries (OpenAI's error shape)."""
+
+    error: ErrorDetail
+
+
 # ---------------------------------------------------------------------------------------------- requests
 
 
