@@ -98,7 +98,7 @@ def finals() -> st.SearchStrategy[str]:
 @st.composite
 def blocks(draw, min_plans: int = 1, max_plans: int = MAX_PLANS) -> Block:
     n = draw(st.integers(min_plans, max_plans))
-    ids = [draw(ITEM_IDS) for _ in range(n)]
+    ids = draw(st.lists(ITEM_IDS, min_size=n, max_size=n, unique=True))  # repeated IDs cannot fork
     plans = tuple(Item(i, draw(texts(3))) for i in ids)
     steps = tuple(Item(i, draw(texts(6))) for i in ids)
     return Block(plans, steps, draw(texts(6)))

@@ -31,6 +31,19 @@ def setup(request, tiny):
     assert_no_leak(engine)
 
 
+MIXED_SHAPES = [
+    [[3]],
+    [[2, 6]],
+    [[1, 4, 2], [3, 3]],
+    [[5, 1, 1, 2]],
+    [[2, 2, 2, 2, 2]],
+    [[7], [1, 2]],
+    [[4, 4]],
+    [[2]],
+]
+"""Eight fork shapes for one ragged batch: 1-5 branches, unequal lengths, one or two blocks."""
+
+
 def layout_logprobs(model, tags: TagIds, r: Rollout) -> torch.Tensor:
     """Log-prob of every response token from ONE forward with the layout (what the trainer computes)."""
     lay = build_layout(r.prompt_ids + r.token_ids, tags, len(r.prompt_ids), parallel=r.mode == "parallel")
@@ -85,16 +98,7 @@ def test_parity_each_fork_width(setup, mode, lens):
 def test_parity_mixed_batch(setup, mode):
     """Eight requests with different fork shapes and prompt lengths in one ragged batch."""
     model, tok, tags, engine = setup
-    shapes = [
-        [[3]],
-        [[2, 6]],
-        [[1, 4, 2], [3, 3]],
-        [[5, 1, 1, 2]],
-        [[2, 2, 2, 2, 2]],
-        [[7], [1, 2]],
-        [[4, 4]],
-        [[2]],
-    ]
+    shapes = MIXED_SHAPES
     ps = prompts(tok, len(shapes))
     proc = PerPrompt({tuple(p): Script(tok, s) for p, s in zip(ps, shapes, strict=True)})
     params = SamplingParams(seed=11, max_new_tokens=400, logits_processors=[proc])

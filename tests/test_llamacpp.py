@@ -21,19 +21,10 @@ from npr.format import TagIds
 from npr.model import tiny_model
 from tests.conftest import assert_no_leak
 from tests.scripted import PerPrompt, Script
+from tests.test_engine_parity import MIXED_SHAPES as SHAPES
 from tests.test_engine_parity import assert_parity, prompts
 
 DEMO_SEED = Path(npr.__file__).parent / "assets" / "demo_seed"
-SHAPES = [
-    [[3]],
-    [[2, 6]],
-    [[1, 4, 2], [3, 3]],
-    [[5, 1, 1, 2]],
-    [[2, 2, 2, 2, 2]],
-    [[7], [1, 2]],
-    [[4, 4]],
-    [[2]],
-]
 
 
 @pytest.fixture(scope="module")
@@ -240,3 +231,38 @@ def test_smollm2_greedy_tokens_match_on_chat_prompts(tmp_path):
         top2 = torch.topk(torch.log_softmax(logits.float(), -1), 2).values
         assert (top2[0] - top2[1]).item() < 1e-2, f"divergence at token {at} is not a near-tie"
     assert diverged <= 2
+
+
+def test_sample_and_eval_commands_run_on_llamacpp(tmp_path, monkeypatch):
+    """Rejection sampling and evaluation drive llama.cpp through the same engine API."""
+    monkeypatch.setenv("NPR_CACHE", str(tmp_path / "cache"))
+    data = Path(__file__).parent / "fixtures" / "tiny_math.jsonl"
+    out = tmp_path / "samples.jsonl"
+    args = ["sample", "--model", "tiny", "--data", str(data), "--out", str(out), "--backend", "llamacpp"]
+    result = CliRunner().invoke(
+        app, [*args, "--k", "2", "--limit", "2", "--max-new-tokens", "8", "--no-progress"]
+    )
+    assert result.exit_code == 0, result.output
+    summary = result.output[result.output.index('{"k"') :].splitlines()[0]  # after the export's progress bar
+    assert json.loads(summary)["samples"] == 4
+    args = [
+        "eval",
+        "--model",
+        "tiny",
+        "--data",
+        str(data),
+        "-k",
+        "1",
+        "--limit",
+        "2",
+        "--max-new-tokens",
+        "8",
+    ]
+    result = CliRunner().invoke(
+        app, [*args, "--out", str(tmp_path / "eval"), "--backend", "llamacpp", "--no-progress"]
+    )
+    assert result.exit_code == 0, result.output
+    assert (
+        json.loads((tmp_path / "eval" / "summary.json").read_text())["settings"]["info"]["backend"]
+        == "llamacpp"
+    )

@@ -59,6 +59,7 @@ PENALTIES: dict[str, float] = {
     "unclosed": -1.0,  # ours: the response ends inside a block
     "missing_id": -0.4,  # ours: plan/step text does not start with "ID:"
     "step_id_mismatch": -0.4,  # ours: step i does not carry plan i's ID
+    "duplicate_id": -0.4,  # ours: two plans of one guideline share an ID (a branch could not be named)
 }
 # Issues that are about quality, not grammar: `parse` accepts them, `check` still penalises them.
 QUALITY_CODES = frozenset({"short_plan", "short_step", "short_takeaway"})
@@ -223,6 +224,7 @@ class _Machine:
     text: str = ""  # text of the open plan/step/takeaway
     text_offset: int = 0
     guideline_text_flagged: bool = False
+    block_issues: int = 0  # index in `issues` where the open block's own issues start
     # Text after a </plan> in a guideline: stray if another <plan> follows, text_in_guideline otherwise.
     guideline_gap: int | None = None
     # Pieces seen outside any block since the last complete block: their meaning is known only later
@@ -295,7 +297,10 @@ class _Machine:
                     self._flag_guideline_text(self.guideline_gap)
                 return self._close_guideline(offset)
         elif s == "plan" and tag == PLAN_END:
-            self.plans.append(_split_item(self.text, "plan", self.text_offset, self.issues))
+            plan = _split_item(self.text, "plan", self.text_offset, self.issues)
+            if plan.id and plan.id in {p.id for p in self.plans}:
+                self.issues.append(Issue("duplicate_id", f"plan ID {plan.id} repeats", self.text_offset))
+            self.plans.append(plan)
             self.state = "guideline"
             return []
         elif s == "steps":
@@ -327,6 +332,7 @@ class _Machine:
             self.issues.append(Issue("tag_between_blocks", f"{tag} between blocks", at))
         self.outside_text, self.outside_tags = [], []
         self._reset_block()
+        self.block_issues = len(self.issues)
 
     def _close_guideline(self, offset: int) -> list[Event]:
         self.state = "steps"
@@ -335,6 +341,11 @@ class _Machine:
         if len(self.plans) > self.max_plans:
             msg = f"{len(self.plans)} plans, at most {self.max_plans} allowed"
             return [self._violation("too_many_plans", msg, offset)]
+        # Fork only on a guideline that `parse` accepts: the trigger and the checker agree (DESIGN §3).
+        broken = [i for i in self.issues[self.block_issues :] if i.code not in QUALITY_CODES]
+        if broken:
+            first = broken[0]
+            return [Event(EventKind.VIOLATION, offset, code=first.code, message=first.message)]
         return [Event(EventKind.GUIDELINE_CLOSED, offset, plan_ids=tuple(p.id for p in self.plans))]
 
     def _open_takeaway(self, offset: int) -> list[Event]:
@@ -436,16 +447,38 @@ def _last_boxed(text: str) -> str | None:
     """Content of the last balanced, non-empty \\boxed{…} in text."""
     start = text.rfind(_BOXED)
     while start != -1:
-        depth, i = 1, start + len(_BOXED)
-        while i < len(text) and depth:
-            depth += {"{": 1, "}": -1}.get(text[i], 0)
-            i += 1
-        if depth == 0:
-            content = text[start + len(_BOXED) : i - 1].strip()
+        end = _closing_brace(text, start + len(_BOXED))
+        if end is not None:
+            content = text[start + len(_BOXED) : end - 1].strip()
             if content:
                 return content
         start = text.rfind(_BOXED, 0, start)
     return None
+
+
+def _closing_brace(text: str, start: int) -> int | None:
+    """Index just past the brace that closes the group opened right before `start`; None if unbalanced."""
+    depth, i = 1, start
+    while i < len(text) and depth:
+        depth += {"{": 1, "}": -1}.get(text[i], 0)
+        i += 1
+    return i if depth == 0 else None
+
+
+def boxed_answers(text: str) -> list[str]:
+    r"""Contents of every balanced, non-empty `\boxed{…}` of text, in order (a list answer may box each item).
+
+    >>> boxed_answers(r"x = \boxed{1} or \boxed{-2}, not \boxed{}")
+    ['1', '-2']
+    """
+    out, start = [], text.find(_BOXED)
+    while start != -1:
+        end = _closing_brace(text, start + len(_BOXED))
+        content = text[start + len(_BOXED) : end - 1].strip() if end is not None else ""
+        if content:
+            out.append(content)
+        start = text.find(_BOXED, start + 1)
+    return out
 
 
 def final_text(text: str) -> str:

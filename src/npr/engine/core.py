@@ -25,7 +25,7 @@ from npr.engine.sampling import sample_tokens
 from npr.format import Event, EventKind, StreamParser, TagIds
 
 Prompt = str | Sequence[int] | Sequence[dict]
-_FORK_ERRORS = {"no_plan", "too_many_plans", "missing_id", "text_in_guideline", "stray_text"}
+_FORK_ERRORS = {"no_plan", "too_many_plans", "missing_id", "duplicate_id", "text_in_guideline", "stray_text"}
 """Violations at a `</guideline>` that refuse the fork: the guideline `check` would reject for its plans."""
 
 
