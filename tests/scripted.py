@@ -26,9 +26,12 @@ class Script:
     def __post_init__(self) -> None:
         self.tags = TagIds.from_tokenizer(self.tokenizer)
         self.banned = [*self.tags.as_tuple(), self.tokenizer.eos_token_id]
+        self._ids: dict[str, list[int]] = {}  # called once per row and step: tokenise each text once
 
     def _enc(self, text: str) -> list[int]:
-        return self.tokenizer(text, add_special_tokens=False)["input_ids"]
+        if text not in self._ids:
+            self._ids[text] = self.tokenizer(text, add_special_tokens=False)["input_ids"]
+        return self._ids[text]
 
     def _guideline(self, n: int) -> list[int]:
         t = self.tags
@@ -36,6 +39,10 @@ class Script:
         for i in range(1, n + 1):
             ids += [t.plan_open, *self._enc(f"{i}: do part {i}"), t.plan_close]
         return [*ids, t.guideline_close]
+
+    def _digit(self, token: int) -> int | None:
+        text = self.tokenizer.decode([token])
+        return int(text) if text.isdigit() else None
 
     def _force(self, logits: torch.Tensor, token: int) -> torch.Tensor:
         out = torch.full_like(logits, float("-inf"))
@@ -58,8 +65,9 @@ class Script:
         t_open, t_close = last(t.takeaway_open), last(t.takeaway_close)
         if s_open > max(s_close, t_close):  # inside a branch (siblings are invisible)
             plan = sum(1 for x in visible[g_open:s_open] if x == t.step_close) + 1  # sequential order
-            if self.tokenizer.decode(visible[s_open + 1 : s_open + 2]).isdigit():  # forked: ID is forced
-                plan = int(self.tokenizer.decode(visible[s_open + 1 : s_open + 2]))
+            digit = self._digit(visible[s_open + 1]) if s_open + 1 < len(visible) else None
+            if digit is not None:  # forked: ID is forced
+                plan = digit
             ident = self._enc(f"{plan}:")
             written = len(visible) - s_open - 1
             if written < len(ident):  # sequential mode writes the ID itself

@@ -51,7 +51,10 @@ def generate(
         n=n, temperature=temperature, top_p=top_p, seed=seed, max_new_tokens=max_new_tokens
     )
     prompts = [p if raw else build_prompt(tok, p, parallel=mode == "parallel") for p in prompt]
-    rollouts = engine.generate(prompts, params, mode=mode)
+    try:
+        rollouts = engine.generate(prompts, params, mode=mode)
+    except ValueError as exc:  # a mode the backend lacks, a prompt longer than the context, …
+        raise typer.BadParameter(str(exc)) from None
     for r in rollouts:
         if as_json:
             typer.echo(json.dumps(r.to_dict()))

@@ -28,7 +28,7 @@ def open_engine(model: str, backend: str, **options: Any) -> Any:
         )
     try:
         return load_engine(model, backend, **options)
-    except (FileNotFoundError, ImportError) as exc:
-        raise typer.BadParameter(
-            str(exc), param_hint="--model" if isinstance(exc, FileNotFoundError) else "--backend"
-        ) from None
+    except FileNotFoundError as exc:  # no such model or GGUF
+        raise typer.BadParameter(str(exc), param_hint="--model") from None
+    except (ImportError, ValueError) as exc:  # backend not installed; a model or file the backend refuses
+        raise typer.BadParameter(str(exc), param_hint="--backend") from None

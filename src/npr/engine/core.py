@@ -12,7 +12,6 @@ import itertools
 import time
 from collections import deque
 from collections.abc import Sequence
-from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 import torch
@@ -20,63 +19,13 @@ import torch
 from npr.engine.handle import EngineStats, RequestHandle, add_requests, run_to_completion
 from npr.engine.kv import Feed, KVPool
 from npr.engine.params import FinishReason, Mode, SamplingParams
-from npr.engine.rollout import BlockRecord, BranchRecord, Rollout, RolloutStats
+from npr.engine.request import BranchState, Prompt, RequestState, build_rollout, encode_prompt
+from npr.engine.rollout import BlockRecord, BranchRecord, Rollout
 from npr.engine.sampling import sample_tokens
 from npr.format import Event, EventKind, StreamParser, TagIds
 
-Prompt = str | Sequence[int] | Sequence[dict]
 _FORK_ERRORS = {"no_plan", "too_many_plans", "missing_id", "duplicate_id", "text_in_guideline", "stray_text"}
 """Violations at a `</guideline>` that refuse the fork: the guideline `check` would reject for its plans."""
-
-
-@dataclass
-class _Branch:
-    plan_id: str
-    index: int
-    block: int  # pool-wide block uid
-    start_pos: int  # g + 1
-    parser: StreamParser
-    tokens: list[int] = field(default_factory=list)
-    logprobs: list[float] = field(default_factory=list)
-    loss_mask: list[int] = field(default_factory=list)
-    done: bool = False
-
-    @property
-    def next_pos(self) -> int:
-        return self.start_pos + len(self.tokens)
-
-
-@dataclass
-class _Request:
-    uid: int
-    index: int
-    sample: int
-    prompt_ids: list[int]
-    params: SamplingParams
-    mode: Mode
-    generator: torch.Generator
-    parser: StreamParser
-    stop_on_violation: bool
-    response: list[int] = field(default_factory=list)
-    logprobs: list[float] = field(default_factory=list)
-    loss_mask: list[int] = field(default_factory=list)
-    positions: list[int] = field(default_factory=list)
-    branches: list[_Branch] = field(default_factory=list)  # of the open block; empty in the trunk
-    blocks: list[BlockRecord] = field(default_factory=list)
-    g: int = -1  # position of the open block's </guideline>
-    trunk_text: str = ""
-    step_start: int = 0  # response index of the last <step> written in the trunk (sequential mode)
-    used: int = 0  # the global ledger: every generated token of every branch
-    feeds: list[Feed] = field(default_factory=list)  # tokens to append at the next step
-    samples: list[tuple[int, _Branch | None]] = field(default_factory=list)  # (feed index, unit; None=trunk)
-    finish: FinishReason | None = None
-    stop_reason: str | None = None
-    started: float = 0.0
-    wall_time: float = 0.0
-
-    @property
-    def next_pos(self) -> int:
-        return self.positions[-1] + 1 if self.positions else len(self.prompt_ids)
 
 
 class CacheBackend(Protocol):
@@ -144,8 +93,8 @@ class DecodingEngine:
         self._pieces: dict[int, str] = {}
         self._uids = itertools.count()
         self._blocks = itertools.count()
-        self.waiting: deque[_Request] = deque()
-        self.running: list[_Request] = []
+        self.waiting: deque[RequestState] = deque()
+        self.running: list[RequestState] = []
 
     # ------------------------------------------------------------------ public API
 
@@ -174,7 +123,7 @@ class DecodingEngine:
             gen = torch.Generator(device=self.pool.device)
             seed = params.seed + j if params.seed is not None else int(torch.randint(0, 2**62, ()).item())
             gen.manual_seed(seed)
-            r = _Request(
+            r = RequestState(
                 uid=next(self._uids),
                 index=index,
                 sample=j,
@@ -191,7 +140,7 @@ class DecodingEngine:
 
     def cancel(self, handle: RequestHandle) -> None:
         """Withdraw a request (e.g. its client went away) and free its cache slots."""
-        request: _Request = handle._state
+        request: RequestState = handle._state
         if request in self.waiting:
             self.waiting.remove(request)
         if request in self.running:
@@ -212,21 +161,7 @@ class DecodingEngine:
 
     def encode_prompt(self, prompt: Prompt) -> list[int]:
         """Chat messages, a string or token ids → prompt ids; tag ids only if `allow_prompt_tags`."""
-        if isinstance(prompt, str):
-            ids = self.tokenizer(prompt, add_special_tokens=False, split_special_tokens=True)["input_ids"]
-        elif prompt and isinstance(prompt[0], dict):
-            from npr.data import encode_messages
-
-            ids = encode_messages(self.tokenizer, list(prompt))  # type: ignore[arg-type]
-        else:
-            ids = [int(t) for t in prompt]  # type: ignore[arg-type]
-        if not ids:
-            raise ValueError("empty prompt")
-        tags = set(self.tags.as_tuple())
-        bad = [] if self.allow_prompt_tags else [i for i, t in enumerate(ids) if t in tags]
-        if bad:
-            raise ValueError(f"prompt token {bad[0]} is a tag id; tags may only be generated")
-        return list(ids)
+        return encode_prompt(self.tokenizer, self.tags, prompt, allow_tags=self.allow_prompt_tags)
 
     def stats(self) -> EngineStats:
         return EngineStats(len(self.running), len(self.waiting), len(self.pool), self.pool.bytes_used())
@@ -242,7 +177,7 @@ class DecodingEngine:
         errors: list[Exception] = []
         feeds: list[Feed] = []
         sample_at: list[int] = []
-        targets: list[tuple[_Request, _Branch | None]] = []
+        targets: list[tuple[RequestState, BranchState | None]] = []
         for r in self.running:
             if r.finish is not None:
                 continue
@@ -306,7 +241,7 @@ class DecodingEngine:
             r.samples = [(len(r.feeds) - 1, None)]
             self.running.append(r)
 
-    def _finish(self, r: _Request, reason: FinishReason, stop_reason: str | None = None) -> None:
+    def _finish(self, r: RequestState, reason: FinishReason, stop_reason: str | None = None) -> None:
         if r.branches:  # cut inside a block: keep what the branches wrote, in canonical order
             self._flush_branches(r)
         r.finish, r.stop_reason = reason, stop_reason
@@ -322,18 +257,18 @@ class DecodingEngine:
             piece = self._pieces[token] = self.tokenizer.decode([token], skip_special_tokens=False)
         return piece
 
-    def _parse(self, r: _Request, parser: StreamParser, token: int) -> list[Event]:
+    def _parse(self, r: RequestState, parser: StreamParser, token: int) -> list[Event]:
         """Parallel mode reads structure from tag ids only (the layout does too); sequential mode reads
         text, so a stage-1 model that spells tags in sub-tokens is parsed like the reward parses it."""
         if r.mode == "parallel":
             return parser.feed_token(self._piece(token), self.tags.tag_of(token))
         return parser.feed(self._piece(token))
 
-    def _visible(self, r: _Request, unit: _Branch | None) -> list[int]:
+    def _visible(self, r: RequestState, unit: BranchState | None) -> list[int]:
         """Token ids the unit can see, canonical order: prompt, finished blocks, trunk, own branch."""
         return r.prompt_ids + r.response + (unit.tokens if unit is not None else [])
 
-    def _process(self, r: _Request, unit: _Branch | None, logits: torch.Tensor) -> torch.Tensor:
+    def _process(self, r: RequestState, unit: BranchState | None, logits: torch.Tensor) -> torch.Tensor:
         """The row's logits through the request's logits processors (a copy; the raw row stays)."""
         if not r.params.logits_processors:
             return logits
@@ -342,7 +277,7 @@ class DecodingEngine:
             logits = fn(visible, logits)
         return logits
 
-    def _penalised(self, r: _Request, unit: _Branch | None) -> list[int] | None:
+    def _penalised(self, r: RequestState, unit: BranchState | None) -> list[int] | None:
         """Ids the branch repetition penalty applies to: the open step's tokens, else none."""
         if r.params.branch_repetition_penalty == 1.0:
             return None
@@ -352,14 +287,14 @@ class DecodingEngine:
             return r.response[r.step_start :]
         return None
 
-    def _emit(self, r: _Request, unit: _Branch | None, token: int, logprob: float) -> None:
+    def _emit(self, r: RequestState, unit: BranchState | None, token: int, logprob: float) -> None:
         r.used += 1
         if unit is None:
             self._trunk_token(r, token, logprob)
         else:
             self._branch_token(r, unit, token, logprob)
 
-    def _trunk_token(self, r: _Request, token: int, logprob: float) -> None:
+    def _trunk_token(self, r: RequestState, token: int, logprob: float) -> None:
         pos = r.next_pos
         r.response.append(token)
         r.logprobs.append(logprob)
@@ -392,7 +327,7 @@ class DecodingEngine:
         r.samples.append((len(r.feeds) - 1, None))
         return None
 
-    def _room(self, r: _Request, next_pos: int) -> bool:
+    def _room(self, r: RequestState, next_pos: int) -> bool:
         """Whether a unit whose next token sits at next_pos may decode it; finish the request if not."""
         if r.used >= r.params.max_new_tokens or next_pos - len(r.prompt_ids) >= r.params.path_limit:
             self._finish(r, FinishReason.LENGTH)
@@ -402,7 +337,7 @@ class DecodingEngine:
             return False
         return True
 
-    def _fork(self, r: _Request, close_token: int, plan_ids: tuple[str, ...]) -> None:
+    def _fork(self, r: RequestState, close_token: int, plan_ids: tuple[str, ...]) -> None:
         # Each branch starts with forced "<step>" + "ID:"; the reserve keeps room for a few tokens of
         # content per branch, its </step> and the merge's <takeaway>, or the fork is refused.
         forced = [
@@ -420,7 +355,7 @@ class DecodingEngine:
         block = next(self._blocks)
         r.feeds = [Feed(r.uid, close_token, r.g)]
         for i, (pid, ids) in enumerate(zip(plan_ids, forced, strict=True)):
-            b = _Branch(pid, i, block, r.g + 1, StreamParser(max_plans=r.params.max_plans, start="step"))
+            b = BranchState(pid, i, block, r.g + 1, StreamParser(max_plans=r.params.max_plans, start="step"))
             for t in ids:
                 r.feeds.append(Feed(r.uid, t, b.next_pos, block, i))
                 b.tokens.append(t)
@@ -433,7 +368,7 @@ class DecodingEngine:
             r.used += len(ids)
         return None
 
-    def _branch_token(self, r: _Request, b: _Branch, token: int, logprob: float) -> None:
+    def _branch_token(self, r: RequestState, b: BranchState, token: int, logprob: float) -> None:
         pos = b.next_pos
         b.tokens.append(token)
         b.logprobs.append(logprob)
@@ -458,7 +393,7 @@ class DecodingEngine:
             self._merge(r)
         return None
 
-    def _flush_branches(self, r: _Request) -> int:
+    def _flush_branches(self, r: RequestState) -> int:
         """Append the open block's branches to the response in canonical order; return the longest."""
         longest = 0
         record = BlockRecord(r.g, [])
@@ -475,7 +410,7 @@ class DecodingEngine:
         r.branches = []
         return longest
 
-    def _merge(self, r: _Request) -> None:
+    def _merge(self, r: RequestState) -> None:
         # The takeaway sits right after the longest branch (g + 1 + max len) and sees every branch.
         pos = r.g + 1 + self._flush_branches(r)
         r.blocks[-1].takeaway_position = pos
@@ -493,34 +428,7 @@ class DecodingEngine:
     # ------------------------------------------------------------------ results
 
     def rollout(self, handle: RequestHandle) -> Rollout:
-        r: _Request = handle._state
-        ids = r.response[:-1] if r.response and r.response[-1] in self.eos_ids else r.response
-        text = self.tokenizer.decode(ids, skip_special_tokens=False)
-        if r.stop_reason in r.params.stop:
-            text = text[: text.rfind(r.stop_reason)]
-        prompt_len = len(r.prompt_ids)
-        stats = RolloutStats(
-            total_tokens=len(r.response),
-            critical_path_tokens=(max(r.positions) - prompt_len + 1) if r.positions else 0,
-            forks=len(r.blocks),
-            branches=sum(len(b.branches) for b in r.blocks),
-            wall_time=r.wall_time,
-        )
-        return Rollout(
-            index=r.index,
-            sample=r.sample,
-            prompt_ids=list(r.prompt_ids),
-            token_ids=list(r.response),
-            position_ids=list(range(prompt_len)) + r.positions,
-            sampled_logprobs=r.logprobs,
-            loss_mask=r.loss_mask,
-            text=text,
-            finish_reason=r.finish or FinishReason.CANCELLED,
-            stop_reason=r.stop_reason,
-            mode=r.mode,
-            blocks=r.blocks,
-            stats=stats,
-        )
+        return build_rollout(handle._state, self.tokenizer, self.eos_ids)
 
 
 class ParallelEngine(DecodingEngine):

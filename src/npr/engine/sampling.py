@@ -15,7 +15,7 @@ import torch
 from npr.engine.params import SamplingParams
 
 
-def _repetition_penalty(
+def repetition_penalty(
     logits: torch.Tensor, penalised: Sequence[list[int] | None], penalty: torch.Tensor
 ) -> None:
     """CTRL-style penalty, in place: divide positive logits of seen tokens, multiply negative ones."""
@@ -51,7 +51,7 @@ def sample_tokens(
         return []
     logits = logits.clone()
     vocab = logits.shape[1]
-    _repetition_penalty(logits, penalised, torch.tensor([p.branch_repetition_penalty for p in params]))
+    repetition_penalty(logits, penalised, torch.tensor([p.branch_repetition_penalty for p in params]))
     greedy = torch.tensor([p.temperature == 0 for p in params])
     temperature = torch.tensor([p.temperature or 1.0 for p in params])
     top_k = torch.tensor([p.top_k or vocab for p in params])
