@@ -274,15 +274,6 @@ def test_plan_tags_must_pair(case: TokenCase, data: st.DataObject) -> None:
 
 
 @FEWER
-@given(token_cases(min_prompt=1), st.sampled_from(ALL_TAGS), st.data())
-def test_tag_in_prompt(case: TokenCase, tag: int, data: st.DataObject) -> None:
-    at = data.draw(st.integers(0, case.prompt_len - 1))
-    ids = list(case.ids)
-    ids[at] = tag
-    raises_at(ids, case.prompt_len, at, "prompt")
-
-
-@FEWER
 @given(token_cases(), st.data())
 def test_takeaway_close_without_open(case: TokenCase, data: st.DataObject) -> None:
     at = data.draw(st.sampled_from(trunk_slots(case)))

@@ -1,7 +1,11 @@
-"""`group_max`: the verifier checks every intermediate result; noisy attempts are never clean."""
+"""`group_max`: the verifier checks every intermediate result; noisy attempts are never clean; the seed
+corpus is reproducible; `npr.tasks` stands without `npr.data`."""
 
 import random
+import subprocess
+import sys
 
+import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -12,6 +16,7 @@ from npr.tasks import (
     make_group_max,
     noisy_attempt,
     parallel_solution,
+    seed_corpus,
     sequential_solution,
 )
 
@@ -112,3 +117,40 @@ def test_small_flaws_score_above_every_structural_one():
         small = {issue.code for issue in report.issues} <= {"stray_text", "missing_id", "step_id_mismatch"}
         by_kind[small].append(report.penalty)
     assert min(by_kind[True]) > max(by_kind[False])
+
+
+def test_numbers_stay_in_the_asked_range_and_a_bad_range_is_refused():
+    examples = make_group_max(50, seed=0, min_number=6, max_number=9)
+    assert {x for ex in examples for g in ex.meta["groups"] for x in g} == {6, 7, 8, 9}
+    with pytest.raises(ValueError, match="min_number"):
+        make_group_max(1, min_number=5, max_number=10)
+
+
+def test_the_seed_corpus_is_reproducible_and_mixes_its_two_kinds():
+    examples = make_group_max(400, seed=0)
+
+    def corpus(seed: int) -> list:
+        return seed_corpus(
+            examples,
+            sequential_solution,
+            noisy_attempt,
+            seed=seed,
+            noisy_fraction=0.25,
+            shuffled_fraction=1.0,
+        )
+
+    first = corpus(0)
+    assert first == corpus(0) and first != corpus(1)
+    noisy = [r for r in first if r.parallel]
+    assert 0.18 < len(noisy) / len(first) < 0.32
+    assert all(not check(r.response).ok for r in noisy)
+    solutions = [r for r in first if not r.parallel]
+    assert all(
+        check_group_max(r.response, ex) for r, ex in zip(first, examples, strict=True) if not r.parallel
+    )
+    assert any(not r.response.startswith("A:") for r in solutions)  # shuffled group order
+
+
+def test_tasks_import_without_the_data_module():
+    code = "import sys, npr.tasks; assert 'npr.data' not in sys.modules, sorted(sys.modules)"
+    subprocess.run([sys.executable, "-c", code], check=True)

@@ -1,8 +1,10 @@
 """Datasets and prompts: JSONL files, reasoning-gym tasks, and the chat prompt that asks for the format.
 
-Prompt ids never contain tag ids (DESIGN §3): the instruction shows the tag strings as examples, so message
-contents are tokenised with special tokens split into ordinary text, while the chat template's own special
-tokens (``<|im_start|>`` …) stay special. The layout can then be computed from token ids alone.
+Our prompt ids never contain tag ids (DESIGN §3): the instruction shows the tag strings as examples, so
+message contents are tokenised with special tokens split into ordinary text, while the chat template's own
+special tokens (``<|im_start|>`` …) stay special. The paper's official prompt (style ``official``, for its
+released checkpoints) is tokenised as the paper did it, tag strings becoming tag ids; the layout takes any
+prompt as opaque, so both work.
 """
 
 from __future__ import annotations
@@ -12,14 +14,15 @@ import math
 import os
 import re
 from collections.abc import Iterator, Mapping, Sequence
-from dataclasses import dataclass, field
 from functools import cache
 from importlib.resources import files
 from pathlib import Path
 from typing import Any, Literal
 from urllib.parse import parse_qsl
 
+from npr.example import Example
 from npr.format import TagIds
+from npr.tasks import TASKS
 
 __all__ = [
     "DataError",
@@ -43,16 +46,6 @@ _PLACEHOLDER_RE = re.compile(re.escape(_PLACEHOLDER) + r"(\d+):")
 
 class DataError(ValueError):
     """Bad input data; the message names the file and line (or the task spec)."""
-
-
-@dataclass(frozen=True)
-class Example:
-    """One problem: its question, its gold answer (a string), an id, and whatever else the source carries."""
-
-    question: str
-    answer: str
-    id: str = ""
-    meta: dict[str, Any] = field(default_factory=dict)
 
 
 # ---- JSONL -------------------------------------------------------------------------------------------
@@ -125,8 +118,6 @@ def load_task(name: str, n: int = DEFAULT_TASK_SIZE, seed: int = 0, **config: An
 
     Extra keyword arguments go to the task's config (e.g. ``max_terms=3`` for ``chain_sum``).
     """
-    from npr.tasks import TASKS  # our own tasks; a lazy import, tasks.py builds on this module
-
     if n < 1:
         raise DataError(f"task {name!r}: n must be >= 1, got {n}")
     if name in TASKS:
@@ -188,21 +179,50 @@ def load_dataset(spec: str | os.PathLike[str], **jsonl_options: Any) -> list[Exa
 # ---- prompts -----------------------------------------------------------------------------------------
 
 
-PromptStyle = Literal["full", "short"]
-PROMPT_STYLES: tuple[str, ...] = ("full", "short")
+PromptStyle = Literal["full", "short", "official"]
+PROMPT_STYLES: tuple[str, ...] = ("full", "short", "official")
 """`full` explains the format to a pretrained model; `short` is a few-token cue for models trained from
-scratch (the demo), whose prompts would otherwise cost more compute than their answers."""
+scratch (the demo), whose prompts would otherwise cost more compute than their answers; `official` is the
+paper's own prompt, needed to run its released checkpoints as they were trained (see `build_prompt`)."""
+
+_INSTRUCTION_FILES = {
+    ("full", True): "format_instruction",
+    ("full", False): "sequential_instruction",
+    ("short", True): "format_instruction_short",
+    ("short", False): "sequential_instruction_short",
+}
+
+OFFICIAL_PROMPTS_ENV = "NPR_OFFICIAL_PROMPTS"
+"""Folder holding the paper's own instruction files, `npr.txt` (parallel) and `cot.txt` (sequential), as in
+its release's `evals/prompts/`. npr does not ship that text (it is the authors'); point this variable at a
+checkout of the release to evaluate its checkpoints exactly as they were trained."""
+_OFFICIAL_FILES = {True: "npr.txt", False: "cot.txt"}
+
+TemplateOptions = Mapping[str, Any]
+"""Extra keyword arguments of the chat template, e.g. ``{"enable_thinking": False}`` for a Qwen3 model in
+non-thinking mode (its template then closes an empty ``<think></think>`` in the prompt, not the answer)."""
 
 
-@cache
 def instruction(parallel: bool = True, style: PromptStyle = "full") -> str:
     """The format instruction (parallel) or the plain step-by-step one (sequential baselines)."""
     if style not in PROMPT_STYLES:
         raise ValueError(f"prompt style must be one of {PROMPT_STYLES}, got {style!r}")
-    name = ("format_instruction" if parallel else "sequential_instruction") + (
-        "_short" if style == "short" else ""
-    )
+    if style == "official":
+        return _official_instruction(parallel, os.environ.get(OFFICIAL_PROMPTS_ENV, ""))
+    name = _INSTRUCTION_FILES[style, parallel]
     return files("npr").joinpath("prompts", f"{name}.txt").read_text(encoding="utf-8").strip()
+
+
+@cache
+def _official_instruction(parallel: bool, folder: str) -> str:
+    path = Path(folder) / _OFFICIAL_FILES[parallel]
+    if not folder or not path.is_file():
+        raise ValueError(
+            f"the official prompt needs {OFFICIAL_PROMPTS_ENV} set to the folder of the paper's prompt files "
+            f"({', '.join(_OFFICIAL_FILES.values())}; `evals/prompts/` in its release); "
+            f"{'it is not set' if not folder else f'no {path}'}"
+        )
+    return path.read_text(encoding="utf-8").strip()
 
 
 def user_content(question: str, *, parallel: bool = True, style: PromptStyle = "full") -> str:
@@ -211,7 +231,10 @@ def user_content(question: str, *, parallel: bool = True, style: PromptStyle = "
 
 
 def _render_parts(
-    tokenizer: Any, messages: Sequence[Mapping[str, Any]], add_generation_prompt: bool
+    tokenizer: Any,
+    messages: Sequence[Mapping[str, Any]],
+    add_generation_prompt: bool,
+    template: TemplateOptions | None = None,
 ) -> list[tuple[str, bool]]:
     """The rendered chat as ``(text, is_message_content)`` pieces, in order.
 
@@ -223,34 +246,40 @@ def _render_parts(
             raise ValueError(f"message {i}: content must be a string, got {message.get('content')!r}")
     masked = [{**m, "content": f"{_PLACEHOLDER}{i}:"} for i, m in enumerate(messages)]
     rendered = tokenizer.apply_chat_template(
-        masked, tokenize=False, add_generation_prompt=add_generation_prompt
+        masked, tokenize=False, add_generation_prompt=add_generation_prompt, **dict(template or {})
     )
     pieces = _PLACEHOLDER_RE.split(rendered)  # [template, index, template, index, …, template]
     order = [int(i) for i in pieces[1::2]]
     if sorted(order) != list(range(len(messages))):
         raise ValueError("the tokenizer's chat template must render every message's content exactly once")
     parts = [(pieces[0], False)]
-    for index, template in zip(order, pieces[2::2], strict=True):
-        parts += [(messages[index]["content"], True), (template, False)]
+    for index, template_text in zip(order, pieces[2::2], strict=True):
+        parts += [(messages[index]["content"], True), (template_text, False)]
     return [(text, is_content) for text, is_content in parts if text]
 
 
 def encode_messages(
-    tokenizer: Any, messages: Sequence[Mapping[str, Any]], *, add_generation_prompt: bool = True
+    tokenizer: Any,
+    messages: Sequence[Mapping[str, Any]],
+    *,
+    add_generation_prompt: bool = True,
+    template: TemplateOptions | None = None,
+    tags_as_ids: bool = False,
 ) -> list[int]:
     """Chat messages → prompt ids: the template's own tokens stay special, message contents are plain text.
 
     Raises if a tag id still occurs (a template that writes tags itself): the layout would misread it.
+    With ``tags_as_ids`` the chat is tokenised as the paper's release does it (the whole rendered text in one
+    call, so tag strings in the contents become tag ids), and tag ids in the prompt are expected.
     """
 
-    def encode(text: str, is_content: bool) -> list[int]:
-        return list(tokenizer(text, add_special_tokens=False, split_special_tokens=is_content)["input_ids"])
+    def encode(text: str, split: bool) -> list[int]:
+        return list(tokenizer(text, add_special_tokens=False, split_special_tokens=split)["input_ids"])
 
-    ids = [
-        i
-        for text, is_content in _render_parts(tokenizer, messages, add_generation_prompt)
-        for i in encode(text, is_content)
-    ]
+    parts = _render_parts(tokenizer, messages, add_generation_prompt, template)
+    if tags_as_ids:
+        return encode("".join(text for text, _ in parts), False)
+    ids = [i for text, is_content in parts for i in encode(text, is_content)]
     leaked = set(ids) & _tag_ids(tokenizer)
     if leaked:
         raise ValueError(f"prompt ids contain tag ids {sorted(leaked)}: check the chat template")
@@ -269,15 +298,34 @@ def _question_turn(question: str, parallel: bool, style: PromptStyle) -> list[di
 
 
 def build_prompt(
-    tokenizer: Any, question: str, *, parallel: bool = True, style: PromptStyle = "full"
+    tokenizer: Any,
+    question: str,
+    *,
+    parallel: bool = True,
+    style: PromptStyle = "full",
+    template: TemplateOptions | None = None,
+    tags_as_ids: bool | None = None,
 ) -> list[int]:
-    """Prompt ids for a question: one user turn (no system prompt), then the assistant's turn opens."""
-    return encode_messages(tokenizer, _question_turn(question, parallel, style))
+    """Prompt ids for a question: one user turn (no system prompt), then the assistant's turn opens.
+
+    ``template`` goes to the chat template (``{"enable_thinking": False}`` …). ``tags_as_ids`` (default: only
+    for the ``official`` style) tokenises the tag strings of the instruction into tag ids, as the paper's
+    evaluation did: its checkpoints were trained on such prompts. Pass False for a checkpoint whose own
+    tokenizer has no tag tokens (NPR-Zero): there the tags were ordinary text.
+    """
+    as_ids = style == "official" if tags_as_ids is None else tags_as_ids
+    turn = _question_turn(question, parallel, style)
+    return encode_messages(tokenizer, turn, template=template, tags_as_ids=as_ids)
 
 
 def build_prompt_text(
-    tokenizer: Any, question: str, *, parallel: bool = True, style: PromptStyle = "full"
+    tokenizer: Any,
+    question: str,
+    *,
+    parallel: bool = True,
+    style: PromptStyle = "full",
+    template: TemplateOptions | None = None,
 ) -> str:
     """The text that :func:`build_prompt` tokenises, for display (never re-tokenise it)."""
     turn = _question_turn(question, parallel, style)
-    return "".join(text for text, _ in _render_parts(tokenizer, turn, True))
+    return "".join(text for text, _ in _render_parts(tokenizer, turn, True, template))

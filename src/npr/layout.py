@@ -19,9 +19,12 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from functools import cached_property
 
 import torch
+from torch.nn.attention.flex_attention import BlockMask
 
+from npr.attention import Kernel, TokenMeta, additive, additive_mask, block_mask, dense_visible
 from npr.format import TagIds
 
 PROMPT, TRUNK, BRANCH = 0, 1, 2
@@ -49,30 +52,24 @@ class Layout:
     def __len__(self) -> int:
         return len(self.token_ids)
 
+    def meta(self) -> TokenMeta:
+        """This sequence alone in a row, as the visibility rule of `npr.attention` reads it."""
+        return TokenMeta(torch.zeros_like(self.token_ids)[None], self.block[None], self.branch[None])
+
     def visible(self) -> torch.Tensor:
-        """Bool `[L, L]`: query i may attend to key j."""
-        n = len(self)
-        causal = torch.ones(n, n, dtype=torch.bool).tril()
-        is_branch = self.block >= 0
-        same_block = (self.block[:, None] == self.block[None, :]) & is_branch[:, None] & is_branch[None, :]
-        siblings = same_block & (self.branch[:, None] != self.branch[None, :])
-        return causal & ~siblings
+        """Bool `[L, L]`: query i may attend to key j (`npr.attention.visible`)."""
+        return dense_visible(self.meta())[0, 0]
 
     def attention_mask(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         """Additive mask `[1, 1, L, L]`: 0 where visible, finfo.min elsewhere (a bool mask is silently
         misread by eager attention)."""
-        return _additive(self.visible(), dtype)[None, None]
+        return additive(self.visible(), dtype)[None, None]
 
     @property
     def critical_path(self) -> int:
         """Response tokens on the longest path: the number of distinct positions after the prompt."""
         response = self.position_ids[self.prompt_len :]
         return int(response.max().item() - self.prompt_len + 1) if len(response) else 0
-
-
-def _additive(visible: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    mask = torch.zeros(visible.shape, dtype=dtype)
-    return mask.masked_fill_(~visible, torch.finfo(dtype).min)
 
 
 def build_layout(
@@ -94,10 +91,6 @@ def build_layout(
     n = len(ids)
     if not 0 <= prompt_len <= n:
         raise LayoutError(0, f"prompt_len {prompt_len} outside [0, {n}]")
-    tag_set = set(tag_ids.as_tuple())
-    for i in range(prompt_len):
-        if int(ids[i]) in tag_set:
-            raise LayoutError(i, "tag token inside the prompt")
     segment = torch.full((n,), TRUNK, dtype=torch.long)
     segment[:prompt_len] = PROMPT
     block = torch.full((n,), -1, dtype=torch.long)
@@ -185,29 +178,72 @@ def _walk(
 
 @dataclass(frozen=True)
 class LayoutBatch:
-    """Right-padded batch of layouts."""
+    """Rows of layouts, right-padded to one length; a row holds one sequence or several packed ones.
+
+    The batch keeps the per-token metadata, not a mask: `attention_mask` (dense, built on first use) or
+    `block_mask()` (FlexAttention) come from it, by the one rule of `npr.attention`.
+    """
 
     input_ids: torch.Tensor  # [B, L]
     position_ids: torch.Tensor  # [B, L]
-    attention_mask: torch.Tensor  # [B, 1, L, L] additive
+    meta: TokenMeta  # [B, L] each
     token_mask: torch.Tensor  # [B, L] bool, True on real tokens
+    dtype: torch.dtype = torch.float32  # of the dense additive mask
+
+    @cached_property
+    def attention_mask(self) -> torch.Tensor:
+        """Additive `[B, 1, L, L]` in `dtype`."""
+        return additive_mask(self.meta, self.dtype)
+
+    def block_mask(self) -> BlockMask:
+        return block_mask(self.meta)
+
+    def mask(self, kind: Kernel) -> torch.Tensor | BlockMask:
+        """The attention mask a model with `kind` attention takes."""
+        return self.block_mask() if kind == "flex" else self.attention_mask
+
+    def to(self, device: torch.device | str) -> LayoutBatch:
+        return LayoutBatch(
+            self.input_ids.to(device),
+            self.position_ids.to(device),
+            self.meta.to(device),
+            self.token_mask.to(device),
+            self.dtype,
+        )
+
+
+def pack_layouts(
+    rows: Sequence[Sequence[Layout]], pad_id: int, dtype: torch.dtype = torch.float32, length: int = 0
+) -> LayoutBatch:
+    """One row per inner sequence: its layouts back to back (no attention across them), then padding to
+    the longest row, or to `length` if longer (a fixed shape spares a compiled kernel its recompiles).
+
+    Positions restart at each layout's own; block ids are made unique within the row.
+    """
+    if not rows or not all(rows):
+        raise ValueError("pack_layouts needs at least one row, each with at least one layout")
+    b, n = len(rows), max(length, *(sum(len(x) for x in row) for row in rows))
+    input_ids = torch.full((b, n), pad_id, dtype=torch.long)
+    position_ids = torch.zeros((b, n), dtype=torch.long)
+    document, block, branch = (torch.full((b, n), -1, dtype=torch.long) for _ in range(3))
+    for r, row in enumerate(rows):
+        start, blocks = 0, 0
+        for d, lay in enumerate(row):
+            span = slice(start, start + len(lay))
+            input_ids[r, span] = lay.token_ids
+            position_ids[r, span] = lay.position_ids
+            document[r, span] = d
+            block[r, span] = torch.where(lay.block >= 0, lay.block + blocks, -1)
+            branch[r, span] = lay.branch
+            blocks += int(lay.block.max()) + 1 if len(lay) else 0
+            start += len(lay)
+    return LayoutBatch(input_ids, position_ids, TokenMeta(document, block, branch), document >= 0, dtype)
 
 
 def collate_layouts(
     layouts: Sequence[Layout], pad_id: int, dtype: torch.dtype = torch.float32
 ) -> LayoutBatch:
-    """Pad layouts to one length; padded query rows see only themselves so softmax stays finite."""
+    """One layout per row, right-padded; padded query rows see only themselves so softmax stays finite."""
     if not layouts:
         raise ValueError("collate_layouts needs at least one layout")
-    b, n = len(layouts), max(len(x) for x in layouts)
-    input_ids = torch.full((b, n), pad_id, dtype=torch.long)
-    position_ids = torch.zeros((b, n), dtype=torch.long)
-    visible = torch.eye(n, dtype=torch.bool).repeat(b, 1, 1)  # [B, L, L]
-    token_mask = torch.zeros((b, n), dtype=torch.bool)
-    for row, lay in enumerate(layouts):
-        m = len(lay)
-        input_ids[row, :m] = lay.token_ids
-        position_ids[row, :m] = lay.position_ids
-        visible[row, :m, :m] = lay.visible()
-        token_mask[row, :m] = True
-    return LayoutBatch(input_ids, position_ids, _additive(visible, dtype)[:, None], token_mask)
+    return pack_layouts([[lay] for lay in layouts], pad_id, dtype)

@@ -163,7 +163,8 @@ def test_cli_eval_end_to_end_then_compare(tmp_path):
     assert {p.name for p in out.iterdir()} == FILES | BASELINE_FILES
     assert "| this run | parallel | 2 |" in res.output
     summary = load_summary(out)
-    assert summary["settings"]["info"] == {"model": "tiny", "data": str(FIXTURE), "limit": 2}
+    info = {"model": "tiny", "backend": "hf", "prompt": "full", "data": str(FIXTURE), "limit": 2}
+    assert summary["settings"]["info"] == info
     assert (summary["metrics"]["problems"], summary["settings"]["params"]["top_p"]) == (2, 0.7)
     assert len(read_jsonl(out / "records.jsonl")) == 2
 
@@ -175,7 +176,15 @@ def test_cli_eval_end_to_end_then_compare(tmp_path):
 @pytest.mark.parametrize(
     ("args", "word"),
     [
-        (["--model", "tiny"], "missing --data, --out"),
+        (["--model", "tiny"], "give --model and one of --data or --bench"),
+        (["--model", "tiny", "--data", str(FIXTURE), "--bench", "paper"], "one of --data or --bench"),
+        (
+            ["--model", "tiny", "--data", str(FIXTURE), "--data-dir", "x"],
+            "--data-dir and --protocol go with --bench",
+        ),
+        (["--model", "tiny", "--bench", "aime26"], "unknown bench 'aime26'"),
+        (["--model", "tiny", "--bench", "paper", "--protocol", "fast"], "unknown protocol 'fast'"),
+        (["--model", "tiny", "--data", str(FIXTURE), "--prompt", "long"], "--prompt must be one of"),
         (["--model", "tiny", "--data", str(FIXTURE), "--out", "x", "--mode", "beam"], "mode must be"),
         (["--model", "tiny", "--data", "nope.jsonl", "--out", "x"], "nope.jsonl"),
         (["--compare"], "give the result folders"),

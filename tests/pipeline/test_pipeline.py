@@ -9,7 +9,7 @@ from typer.testing import CliRunner
 from npr.cli import app
 from npr.data import load_dataset
 from npr.pipeline import MODELS, STAGES, Pipeline, load_pipeline_config
-from npr.report import curve_series
+from npr.pipeline.figures import curve_series
 
 TINY = {
     "kind": "pipeline",
@@ -44,7 +44,14 @@ TINY = {
         "lr": 1e-4,
     },
     "sr": {"prompts_per_step": 2, "rollouts_per_prompt": 2, "max_steps": 1, "max_new_tokens": 48, "lr": 1e-4},
-    "eval": {"problems": 3, "k": 2, "max_new_tokens": 48, "latency_problems": 2},
+    "eval": {
+        "problems": 3,
+        "k": 2,
+        "max_new_tokens": 48,
+        "latency_problems": 2,
+        "latency_repeats": 3,
+        "splits": {"in_distribution": {}, "two_groups": {"min_groups": 2, "max_groups": 2}},
+    },
 }
 
 
@@ -62,13 +69,30 @@ def test_reduced_pipeline_runs_every_stage_and_writes_the_report(tmp_path, confi
     result = CliRunner().invoke(app, ["pipeline", str(config), "--from-scratch"])
     assert result.exit_code == 0, result.output
     report = json.loads((tmp_path / "out" / "report.json").read_text())
-    assert set(report) == set(MODELS)
-    for row in report.values():
-        assert {"accuracy", "parallel_rate", "tps", "speedup_tps", "speedup_latency"} <= set(row)
-        assert 0 <= row["accuracy"] <= 1 and row["tps"] > 0
-    assert report["seed"]["speedup_tps"] == 1.0 and report["seed"]["parallel_rate"] == 0.0
-    assert report["seed"]["speedup_path"] == 1.0
-    assert report["seed"]["speedup_latency"] == 1.0 and all(r["latency_s"] > 0 for r in report.values())
+    assert set(report["splits"]) == {"in_distribution", "two_groups"}
+    for rows in report["splits"].values():
+        assert set(rows) == set(MODELS)
+        for row in rows.values():
+            for name in ("accuracy", "intermediates_correct", "speedup_latency"):
+                low, high = row[f"{name}_ci"]
+                assert low <= row[name] <= high, (name, row)
+            assert 0 <= row["accuracy"] <= 1 and row["tps"] > 0 and row["latency_s"] > 0
+        seed = rows["seed"]
+        assert seed["speedup_tps"] == seed["speedup_path"] == seed["speedup_latency"] == 1.0
+        assert seed["speedup_latency_ci"] == [1.0, 1.0] and seed["parallel_rate"] == 0.0
+    assert report["latency"]["repeats"] == 3 and report["latency"]["problems"] == {
+        "in_distribution": 2,
+        "two_groups": 2,
+    }
+    tries = json.loads((tmp_path / "out" / "latency.json").read_text())["tries"]
+    assert all(len(t) == 3 for models in tries.values() for rows in models.values() for t in rows)
+    pairs = {(c["split"], c["a"], c["b"], c["metric"]) for c in report["comparisons"]}
+    assert ("two_groups", "npr", "npr_beta", "intermediates_correct") in pairs
+    assert all(
+        c["significant"] == (c["difference_ci"][0] > 0 or c["difference_ci"][1] < 0)
+        for c in report["comparisons"]
+    )
+    assert "### two_groups" in result.output and "paired bootstrap" in result.output
     for stage in STAGES:
         assert (tmp_path / "runs" / stage / "done.json").exists()
     for name in ("report.md", "curves.png", "samples.html"):
@@ -137,6 +161,26 @@ def test_task_options_shape_every_stage_s_problems():
     rl_data = load_dataset(pipeline.rl_config("npr", "m").data)
     for examples in (rl_data, pipeline.eval_examples(), pipeline.problems(4, seed=1)):
         assert {len(ex.meta["groups"]) for ex in examples} == {2}
+
+
+def test_a_split_s_task_options_apply_over_the_config_s():
+    splits = {"in_distribution": {}, "wide": {"group_size": 7}}
+    config = load_pipeline_config("configs/demo.yaml", eval={"splits": splits})
+    pipeline = Pipeline(config, log=lambda _: None)
+    wide = pipeline.eval_examples("wide")
+    assert {len(g) for ex in wide for g in ex.meta["groups"]} == {7}
+    assert {len(ex.meta["groups"]) for ex in wide} == {config.task_options["min_groups"]}
+    assert {len(g) for ex in pipeline.eval_examples() for g in ex.meta["groups"]} == {6}
+
+
+def test_a_bad_split_option_fails_at_load_and_names_it():
+    config = load_pipeline_config("configs/demo.yaml", eval={"splits": {"x": {"groupsize": 7}}})
+    try:
+        Pipeline(config, log=lambda _: None)
+    except ValueError as e:
+        assert "groupsize" in str(e)
+    else:
+        raise AssertionError("a misspelt split option was accepted")
 
 
 def test_a_bad_task_option_fails_at_load_and_names_it(tmp_path, config):

@@ -92,6 +92,8 @@ def test_save_then_load_restores_weights_optimizer_scheduler_and_rng(tmp_path, t
     if tie:
         assert fresh.lm_head.weight.data_ptr() == fresh.model.embed_tokens.weight.data_ptr()
     saved_opt, loaded_opt = optimizer.state_dict(), fresh_optimizer.state_dict()
+    for group in loaded_opt["param_groups"]:  # stored by parameter name, betas come back as a list
+        group["betas"] = tuple(group["betas"])
     assert saved_opt["param_groups"] == loaded_opt["param_groups"]
     for key, moments in saved_opt["state"].items():
         for name, value in moments.items():

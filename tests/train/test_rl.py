@@ -29,7 +29,8 @@ from npr.model import tiny_model
 from npr.train.checkpoint import latest_checkpoint
 from npr.train.config import RLConfig
 from npr.train.loop import read_metrics
-from npr.train.rl import METRICS, Scores, rollout_seed, select, step_prompts, train
+from npr.train.rl import rollout_seed, step_prompts, train
+from npr.train.scoring import METRICS, Scores, select
 from tests.scripted import PerPrompt, Script
 
 CONFIGS = Path(__file__).resolve().parents[2] / "configs"

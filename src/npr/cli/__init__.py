@@ -13,7 +13,7 @@ def _root() -> None:
 
 
 # Each module registers its command on `app` when imported.
-from npr.cli import eval, export, generate, pipeline, sample, serve, train, train_rl, view  # noqa: E402,F401
+from npr.cli import eval, export, generate, pipeline, plan, sample, serve, train, train_rl, view  # noqa: E402,F401
 
 
 def main() -> None:

@@ -16,7 +16,7 @@ DEMO_CONFIG = files("npr").joinpath("assets", "demo.yaml")
 def _run(config: Path, from_scratch: bool, overrides: dict, until: str | None = None) -> None:
     from npr.data import DataError
     from npr.pipeline import STAGES, Pipeline, StaleStageError, load_pipeline_config
-    from npr.report import markdown
+    from npr.pipeline.report import markdown
     from npr.train.config import ConfigError
 
     try:
@@ -33,11 +33,13 @@ def _run(config: Path, from_scratch: bool, overrides: dict, until: str | None = 
             for name, path in pipe.train_all(until).items():
                 typer.echo(f"{name}: {path}")
             return
-        table = pipe.run()
+        report = pipe.run()
     except (StaleStageError, DataError) as e:
         typer.echo(f"error: {config}: {e}", err=True)
         raise typer.Exit(2) from e
-    typer.echo(markdown(table, cfg.eval.k, cfg.eval.problems, cfg.eval.latency_problems))
+    typer.echo(markdown(report, cfg.eval.k, cfg.eval.problems))
+    if warning := report["latency"]["warning"]:
+        typer.echo(f"warning: {warning}", err=True)
     typer.echo(f"report: {cfg.out_dir}/report.md, report.json, curves.png, samples.html")
 
 

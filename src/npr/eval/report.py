@@ -160,15 +160,26 @@ def load_summary(result_dir: str | Path) -> dict[str, Any]:
         raise FileNotFoundError(f"{result_dir}: no {SUMMARY_JSON} (not an `npr eval` result folder)")
     try:
         summary = json.loads(path.read_text(encoding="utf-8"))
-        RunMetrics.from_dict(summary["metrics"])
-    except (ValueError, KeyError, TypeError) as e:
+        runs = summary["benches"].values() if summary.get("kind") == "suite" else [summary]
+        for run in runs:
+            RunMetrics.from_dict(run["metrics"])
+    except (ValueError, KeyError, TypeError, AttributeError) as e:
         raise ValueError(f"{path}: not an evaluation summary ({e!r})") from e
     return summary
 
 
 def compare(result_dirs: Sequence[str | Path]) -> str:
-    """A markdown table with one row per run (and one per baseline), named by folder, like the paper's tables."""
+    """Runs side by side, named by folder: one table row per run (and one per baseline); benchmark suites
+    (`npr eval --bench`) as the paper's accuracy, parallel-rate and efficiency tables."""
+    from npr.eval.tables import is_suite, tables_markdown
+
     if not result_dirs:
         raise ValueError("compare needs at least one result folder")
-    rows = [row for d in result_dirs for row in _summary_rows(Path(d).name or str(d), load_summary(d))]
-    return _table(rows)
+    runs = [(Path(d).name or str(d), load_summary(d)) for d in result_dirs]
+    suites = [is_suite(s) for _, s in runs]
+    if all(suites):
+        return tables_markdown(runs)
+    if any(suites):
+        mixed = [label for (label, _), suite in zip(runs, suites, strict=True) if suite]
+        raise ValueError(f"cannot compare benchmark suites {mixed} with single runs: compare like with like")
+    return _table([row for label, s in runs for row in _summary_rows(label, s)])

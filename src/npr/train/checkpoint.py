@@ -10,7 +10,13 @@ A run directory holds checkpoint folders `step-000123/`, each with
 A folder appears whole or not at all: it is written under a hidden `.tmp-*` name and renamed into place
 when complete. The `latest` file then names it, replaced atomically too; only the newest `keep_last`
 folders are kept. This survives the process being killed at any point (not a power cut: nothing is
-fsync'd). Under DDP only rank 0 saves; the RNG states saved are rank 0's.
+fsync'd). Under DDP or FSDP only rank 0 writes; the RNG states saved are rank 0's.
+
+Weights and optimizer state are stored **full** (unsharded), the optimizer's keyed by parameter name
+(`torch.distributed.checkpoint.state_dict`'s full form): one format for one process, DDP and FSDP, so a
+run resumes under any of them, and a checkpoint is an ordinary `save_pretrained` folder. The price at
+scale is that rank 0 gathers everything (CPU offloaded) once per save; sharded (DCP) checkpoints would
+avoid it and are not implemented.
 """
 
 from __future__ import annotations
@@ -34,6 +40,7 @@ from safetensors.torch import load_file
 
 import npr
 from npr.files import atomic_write
+from npr.train.distributed import full_model_state, full_optimizer_state, load_full_state, unwrap
 
 if TYPE_CHECKING:
     from torch.optim.lr_scheduler import LRScheduler
@@ -124,16 +131,19 @@ def save_checkpoint(
     run_dir: str | Path,
     model: PreTrainedModel,
     tokenizer: PreTrainedTokenizerBase | None,
-    optimizer: torch.optim.Optimizer,
+    optimizer: torch.optim.Optimizer | Mapping[str, Any],
     scheduler: LRScheduler | None,
     step: int,
     data_position: Any,
     config: BaseModel | Mapping[str, Any],
     extra: Mapping[str, Any] | None = None,
     keep_last: int = 2,
+    weights: Mapping[str, torch.Tensor] | None = None,
 ) -> Path:
     """Write checkpoint `step-NNNNNN/` into `run_dir` atomically, point `latest` at it, prune old ones.
 
+    `optimizer` and `weights` may be given as full state dicts already gathered (`npr.train.distributed`:
+    how a sharded model is saved); by default they are read off the (unsharded) model and optimizer.
     `data_position` (plain ints/strings/lists/dicts, e.g. `{"epoch": 0, "index": 96}`) and `extra` must
     load under `torch.load(weights_only=True)`. Returns the checkpoint folder.
     """
@@ -151,13 +161,15 @@ def save_checkpoint(
     target = run_dir / checkpoint_name(step)
     tmp = Path(tempfile.mkdtemp(prefix=_TMP_PREFIX, dir=run_dir))
     try:
-        model.save_pretrained(tmp)
+        model.save_pretrained(tmp, state_dict=dict(weights or full_model_state(model)))
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
+        if isinstance(optimizer, torch.optim.Optimizer):
+            optimizer = full_optimizer_state(model, optimizer)
         state = {
             "step": step,
             "data_position": data_position,
-            "optimizer": optimizer.state_dict(),
+            "optimizer": dict(optimizer),
             "scheduler": None if scheduler is None else scheduler.state_dict(),
             "rng": rng,
             "extra": dict(extra or {}),
@@ -198,8 +210,8 @@ def resolve_model_dir(path: str | Path) -> Path:
     return latest_checkpoint(path) or Path(path)
 
 
-def _load_weights(path: Path, model: torch.nn.Module) -> None:
-    """Copy the safetensors weights in `path` (one file or an index of shards) into `model` in place."""
+def _read_weights(path: Path, model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """The safetensors weights in `path` (one file or an index of shards), checked against `model`."""
     index = path / "model.safetensors.index.json"
     if index.is_file():
         files = sorted(set(json.loads(index.read_text(encoding="utf-8"))["weight_map"].values()))
@@ -208,13 +220,15 @@ def _load_weights(path: Path, model: torch.nn.Module) -> None:
     weights: dict[str, torch.Tensor] = {}
     for name in files:
         weights.update(load_file(path / name))
-    missing, unexpected = model.load_state_dict(weights, strict=False)
     # save_pretrained leaves out tied weights (lm_head = embeddings): missing but loaded through the tie.
-    own = model.state_dict()
-    loaded = {own[key].data_ptr() for key in weights if key in own}
-    untied = [key for key in missing if own[key].data_ptr() not in loaded]
+    own = set(model.state_dict())
+    params = dict(model.named_parameters(remove_duplicate=False))
+    loaded = {id(params[key]) for key in weights if key in params}
+    untied = [key for key in sorted(own - weights.keys()) if id(params.get(key)) not in loaded]
+    unexpected = [key for key in weights if key not in own]
     if untied or unexpected:
         raise ValueError(f"{path}: weights do not match the model: missing {untied}, unexpected {unexpected}")
+    return weights
 
 
 def load_checkpoint(
@@ -223,15 +237,16 @@ def load_checkpoint(
     optimizer: torch.optim.Optimizer | None = None,
     scheduler: LRScheduler | None = None,
 ) -> TrainerState:
-    """Restore weights, optimizer, scheduler and RNG states from checkpoint folder `path` in place."""
+    """Restore weights, optimizer, scheduler and RNG states from checkpoint folder `path` in place.
+
+    `model` may be plain, DDP-wrapped or FSDP-sharded (the full state is cut to each process's shard).
+    """
     path = Path(path)
     state_file = path / STATE_FILE
     if not state_file.is_file():
         raise FileNotFoundError(f"{path} is not a checkpoint: {STATE_FILE} is missing")
     state = torch.load(state_file, map_location="cpu", weights_only=True)
-    _load_weights(path, model)
-    if optimizer is not None:
-        optimizer.load_state_dict(state["optimizer"])
+    load_full_state(model, _read_weights(path, unwrap(model)), optimizer, state["optimizer"])
     if scheduler is not None:
         if state["scheduler"] is None:
             raise ValueError(f"{path}: checkpoint was saved without a scheduler, but one was given")

@@ -54,6 +54,48 @@ class _TrainConfig(BaseModel):
         default=2, ge=1, description="Checkpoints kept in `out_dir`; older ones are deleted. Ours."
     )
     log_every: int = Field(default=1, ge=1, description="Log metrics every this many optimizer steps. Ours.")
+    attention: Literal["auto", "dense", "flex"] = Field(
+        default="auto",
+        description="Attention kernel of the training forwards: dense (SDPA with a [B, 1, L, L] mask), flex "
+        "(FlexAttention with a BlockMask: O(L²/128²) mask memory, masked tiles skipped; CUDA only, since it "
+        "has no CPU backward), auto: flex on CUDA, dense elsewhere. Both masks come from one rule "
+        "(`npr.attention`). Ours.",
+    )
+    precision: Literal["fp32", "bf16"] = Field(
+        default="fp32",
+        description="Compute precision: bf16 runs forwards under bfloat16 autocast (FSDP: bf16 parameter "
+        "gathers, fp32 gradient reduction) with parameters kept in `dtype`; log-probs and losses are "
+        "float32 either way. Ours.",
+    )
+    activation_checkpointing: bool = Field(
+        default=False,
+        description="Recompute each decoder layer's activations in backward instead of storing them: "
+        "activation memory of one layer instead of all, for ~1/3 more compute. Ours.",
+    )
+    distributed: Literal["ddp", "fsdp"] = Field(
+        default="ddp",
+        description="Under torchrun: ddp (a full model per process) or fsdp (FSDP2 `fully_shard` per "
+        "decoder layer and root: parameters, gradients and optimizer state sharded). Checkpoints are full "
+        "state dicts either way. The paper trains stage 2 with FSDP.",
+    )
+    packing: bool = Field(
+        default=True,
+        description="Pack several whole sequences into each row (no attention across them, positions "
+        "restart) instead of padding every sequence to the longest; the loss and gradients are the same. "
+        "Ours.",
+    )
+    max_tokens_per_row: int | None = Field(
+        default=None,
+        ge=1,
+        description="Token budget of a packed row. null: `max_len` (SFT) or the longest sequence of the "
+        "step (RL). Ours.",
+    )
+    micro_batch_tokens: int = Field(
+        default=16384,
+        ge=1,
+        description="Token budget of one forward pass when packing: micro_batch_tokens // "
+        "max_tokens_per_row rows (at least one). Ours.",
+    )
     prompt_style: PromptStyle = Field(
         default="full",
         description="Instruction text in prompts: `full` explains the format (pretrained models); `short` is "
@@ -224,6 +266,27 @@ class RLConfig(_TrainConfig):
     eps_high: float = Field(
         default=0.28, ge=0, description="Upper clip range, ratio ≤ 1 + eps_high (when `clip`). DAPO: 0.28."
     )
+    backend: Literal["hf", "llamacpp", "vllm"] = Field(
+        default="hf",
+        description="Rollout engine: hf (the trainer's own model) or vllm (sequential mode only; colocated, "
+        "new weights loaded after each step). llamacpp cannot take new weights each step. Ours.",
+    )
+    tis_cap: float | None = Field(
+        default=None,
+        gt=0,
+        description="Truncated importance sampling: weight each token by min(exp(logp_trainer − "
+        "logp_engine), tis_cap) to correct the rollout engine's mismatch; null: off. Ours.",
+    )
+
+    @model_validator(mode="after")
+    def _check_backend(self) -> RLConfig:
+        if self.backend == "llamacpp":
+            raise ValueError("backend llamacpp cannot load new weights after each step; use hf or vllm")
+        if self.backend == "vllm" and self.mode != "sequential":
+            raise ValueError(
+                "backend vllm decodes sequential mode only; use backend hf for parallel rollouts"
+            )
+        return self
 
     @model_validator(mode="before")
     @classmethod
@@ -260,3 +323,17 @@ def load_config(path: str | Path, cls: type[C]) -> C:
         return cls.model_validate(data)
     except ValidationError as exc:
         raise ConfigError(f"{path}: invalid {cls.__name__}:\n{_describe(exc)}") from exc
+
+
+def load_train_config(path: str | Path) -> SFTConfig | RLConfig:
+    """An SFT or RL config, by the file's `kind` key (`CONFIG_KINDS`)."""
+    try:
+        data = yaml.safe_load(Path(path).read_text(encoding="utf-8"))
+    except (OSError, yaml.YAMLError) as exc:
+        raise ConfigError(f"{path}: cannot read config: {exc}") from exc
+    kind = data.get("kind") if isinstance(data, dict) else None
+    if kind not in CONFIG_KINDS:
+        raise ConfigError(f"{path}: `kind` must be one of {sorted(CONFIG_KINDS)}, got {kind!r}")
+    if kind == "sft":
+        return load_config(path, SFTConfig)
+    return load_config(path, RLConfig)

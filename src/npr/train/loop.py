@@ -1,22 +1,22 @@
 """Plumbing every training recipe shares: processes, optimizer, schedule, logging, checkpoints (DESIGN §5).
 
 The recipes (`npr.train.sft`, `npr.train.rl`) stay readable top to bottom by calling these small pieces;
-nothing here owns the loop. One process or many under `torchrun` (DDP; `gloo` on CPU, `nccl` on GPUs):
+nothing here owns the loop. One process or many under `torchrun` (DDP or FSDP2, `npr.train.distributed`):
 
     rank, world = init_distributed()
     device = device_for(rank)
-    model, tokenizer = load_train_model(config.model_path, config.dtype, device)
+    model, tokenizer, attention = prepare_model(config, device)      # attention kernel, wrapping
     optimizer = build_optimizer(model, config)
     scheduler = build_scheduler(optimizer, "cosine", total_steps, config.lr, config.lr_end)
     state = resume(config.out_dir, model, optimizer, scheduler)      # None on a fresh run
-    ddp = wrap_ddp(model, device)
     with MetricLogger(config.out_dir, rank, start_step) as log:
         for step in ...:                                              # per micro-batch j of the step:
-            with grad_sync(ddp, enabled=last_micro_batch):
-                loss = sft_loss(layout_logits(ddp, batch), ...); loss.backward()
-            grad_norm = clip_gradients(ddp, config.grad_clip); optimizer.step(); scheduler.step()
+            with grad_sync(model, enabled=last_micro_batch), autocast(config, device):
+                loss = sft_loss(layout_forward(model, batch, attention), ...)
+            loss.backward()
+            grad_norm = clip_gradients(model, config.grad_clip); optimizer.step(); scheduler.step()
             log.log(step + 1, {"train/loss": ...})
-    save(config.out_dir, ddp, tokenizer, optimizer, scheduler, step, position, config, rank=rank)
+    save(config.out_dir, model, tokenizer, optimizer, scheduler, step, position, config, rank=rank)
     close_distributed()
 
 Logging: rank 0 appends one JSON object per logged step to `out_dir/metrics.jsonl`, and writes TensorBoard
@@ -31,20 +31,28 @@ import math
 import os
 import random
 import sys
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from types import TracebackType
 from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
 import torch
-import torch.distributed as dist
-from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
+from npr.attention import Kernel, resolve_attention, use_attention
 from npr.files import atomic_write
 from npr.train.checkpoint import TrainerState, latest_checkpoint, load_checkpoint, save_checkpoint
-from npr.train.sequences import TrainBatch
+from npr.train.config import ConfigError
+from npr.train.distributed import (
+    barrier,
+    close_distributed,
+    full_model_state,
+    full_optimizer_state,
+    gradient_norm,
+    unwrap,
+    wrap_model,
+)
 
 if TYPE_CHECKING:
     from pydantic import BaseModel
@@ -55,58 +63,7 @@ METRICS_FILE = "metrics.jsonl"
 TENSORBOARD_DIR = "tb"
 Schedule = Literal["cosine", "constant"]
 
-# ------------------------------------------------------------------------------------------------ processes
-
-
-def init_distributed() -> tuple[int, int]:
-    """Join the process group `torchrun` describes (env `WORLD_SIZE` > 1); returns `(rank, world)`.
-
-    A plain single process gets `(0, 1)` and no process group. A group that is already initialised (a
-    test that spawned its own workers) is used as it is.
-    """
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size()
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world <= 1:
-        return 0, 1
-    dist.init_process_group(backend="nccl" if torch.cuda.is_available() else "gloo")
-    return dist.get_rank(), dist.get_world_size()
-
-
-def close_distributed() -> None:
-    """Leave the process group, if there is one (call once at the end of a recipe)."""
-    if dist.is_available() and dist.is_initialized():
-        dist.destroy_process_group()
-
-
-def is_distributed() -> bool:
-    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
-
-
-def device_for(rank: int) -> torch.device:
-    """`cuda:LOCAL_RANK` when GPUs are present (one per process), else the CPU."""
-    if not torch.cuda.is_available():
-        return torch.device("cpu")
-    index = int(os.environ.get("LOCAL_RANK", rank)) % torch.cuda.device_count()
-    torch.cuda.set_device(index)
-    return torch.device("cuda", index)
-
-
-def barrier() -> None:
-    if is_distributed():
-        dist.barrier()
-
-
-def all_reduce_sum(value: float) -> float:
-    """Σ of a number over all processes (itself on one): e.g. the global batch's token count."""
-    if not is_distributed():
-        return float(value)
-    # float64 on the CPU: gloo reduces CPU tensors, and token counts stay exact.
-    tensor = torch.tensor([float(value)], dtype=torch.float64)
-    if dist.get_backend() == "nccl":
-        tensor = tensor.cuda()
-    dist.all_reduce(tensor)
-    return float(tensor.item())
+# ------------------------------------------------------------------------------------------------ setup
 
 
 def seed_everything(seed: int) -> None:
@@ -131,48 +88,38 @@ def load_train_model(
     return model.train(), tokenizer
 
 
-def wrap_ddp(model: torch.nn.Module, device: torch.device) -> torch.nn.Module:
-    """DistributedDataParallel around `model` when several processes run, else `model` itself.
+def prepare_model(
+    config: Any, device: torch.device, *, ddp: bool = True
+) -> tuple[torch.nn.Module, Any, Kernel]:
+    """Load the config's model for training and wrap it for the processes; returns `(model, tokenizer,
+    attention)` where `attention` is the kernel the forwards use (`dense` or `flex`).
 
-    DDP averages gradients over processes; the losses divide by the global token count over the world
-    size (`npr.train.losses`), so the average is the token mean of the global batch.
+    The config's `attention`, `activation_checkpointing`, `distributed` and `precision` apply here.
+    `ddp=False`: a recipe whose processes run different numbers of backward passes (RL) keeps DDP off and
+    averages gradients itself (`distributed.average_gradients`); FSDP always wraps.
     """
-    if not is_distributed():
-        return model
-    return DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+    model, tokenizer = load_train_model(config.model_path, config.dtype, device)
+    try:
+        attention = resolve_attention(config.attention, device, backward=True)
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from None
+    use_attention(model, attention)
+    if config.activation_checkpointing:  # recompute each layer's activations in backward
+        kwargs = {"use_reentrant": False}
+        if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5.25
+            model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+        else:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+    wrap = config.distributed == "fsdp" or ddp
+    wrapped = (
+        wrap_model(model, device, config.distributed, bf16=config.precision == "bf16") if wrap else model
+    )
+    return wrapped, tokenizer, attention
 
 
-def unwrap(model: torch.nn.Module) -> Any:
-    """The model inside a DDP wrapper (to save it, or to decode with it)."""
-    return model.module if isinstance(model, DistributedDataParallel) else model
-
-
-def layout_logits(model: torch.nn.Module, batch: TrainBatch) -> torch.Tensor:
-    """`[B, L, V]` logits of one forward over `batch` with its layout's mask and positions.
-
-    Like `sequences.forward_logprobs` but through a DDP wrapper too (the forward must go through it for
-    its gradient hooks), and without the log-softmax, for `losses.sft_loss`.
-    """
-    lay = batch.layout
-    return model(
-        input_ids=lay.input_ids,
-        position_ids=lay.position_ids,
-        attention_mask=lay.attention_mask.to(unwrap(model).dtype),
-    ).logits
-
-
-@contextlib.contextmanager
-def grad_sync(model: torch.nn.Module, enabled: bool) -> Iterator[None]:
-    """Around one micro-batch's backward: DDP all-reduces gradients only when `enabled` (the last one).
-
-    Skipping the all-reduce on the other micro-batches of a gradient-accumulation step saves traffic;
-    the result is the same, since the final all-reduce averages the accumulated sums.
-    """
-    if enabled or not isinstance(model, DistributedDataParallel):
-        yield
-        return
-    with model.no_sync():
-        yield
+def autocast(config: Any, device: torch.device) -> contextlib.AbstractContextManager[Any]:
+    """bfloat16 autocast around forwards when `precision: bf16` (log-probs and losses stay float32)."""
+    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=config.precision == "bf16")
 
 
 # ------------------------------------------------------------------------------------------------ optimizer
@@ -224,11 +171,11 @@ def clip_gradients(model: torch.nn.Module, max_norm: float | None) -> float:
     """Clip the global gradient norm to `max_norm` (None: no clipping); returns the norm before clipping.
 
     Call after the backward passes: under DDP the gradients are already averaged, so every process
-    computes the same norm and clips alike.
+    computes the same norm and clips alike; under FSDP the norm is reduced over the shards.
     """
     params = [p for p in model.parameters() if p.grad is not None]
     limit = math.inf if max_norm is None else max_norm
-    return float(torch.nn.utils.clip_grad_norm_(params, limit))
+    return gradient_norm(torch.nn.utils.clip_grad_norm_(params, limit))
 
 
 # ------------------------------------------------------------------------------------------------ checkpoints
@@ -242,7 +189,8 @@ def resume(
 ) -> TrainerState | None:
     """Restore the latest checkpoint of `run_dir` in place (every process reads it); None if there is none.
 
-    Call before `wrap_ddp`. Every process restores rank 0's RNG states, so draws stay in step.
+    Call after `prepare_model` and `build_optimizer` (a sharded model takes its shard of the full state).
+    Every process restores rank 0's RNG states, so draws stay in step.
     """
     path = latest_checkpoint(run_dir)
     if path is None:
@@ -264,19 +212,24 @@ def save(
     keep_last: int = 2,
     extra: Mapping[str, Any] | None = None,
 ) -> None:
-    """Rank 0 writes checkpoint `step` (see `npr.train.checkpoint`); the others wait until it is complete."""
+    """Rank 0 writes checkpoint `step` (see `npr.train.checkpoint`); the others wait until it is complete.
+
+    Every process takes part in gathering the full weights and optimizer state (collectives under FSDP).
+    """
+    weights, optimizer_state = full_model_state(model), full_optimizer_state(model, optimizer)
     if rank == 0:
         save_checkpoint(
             run_dir,
             unwrap(model),
             tokenizer,
-            optimizer,
+            optimizer_state,
             scheduler,
             step,
             data_position,
             config,
             extra=extra,
             keep_last=keep_last,
+            weights=weights,
         )
     barrier()
 

@@ -149,3 +149,28 @@ def dapo_loss(
     mask = loss_mask.bool()
     clip_fraction = (was_clipped & mask).sum() / mask.sum().clamp(min=1)
     return PolicyLoss(loss=loss, clip_fraction=clip_fraction.detach().float())
+
+
+def policy_loss(
+    logprobs: Tensor,
+    old_logprobs: Tensor,
+    advantages: Tensor,
+    loss_mask: Tensor,
+    num_tokens: float,
+    *,
+    clip: bool,
+    eps_low: float = 0.2,
+    eps_high: float = 0.28,
+) -> PolicyLoss:
+    """The RL config's loss: DAPO's clipped surrogate when `clip`, else PAPO's (its clip fraction is 0)."""
+    if clip:
+        return dapo_loss(
+            logprobs,
+            old_logprobs,
+            advantages,
+            loss_mask,
+            eps_low=eps_low,
+            eps_high=eps_high,
+            num_tokens=num_tokens,
+        )
+    return PolicyLoss(papo_loss(logprobs, advantages, loss_mask, num_tokens=num_tokens), torch.zeros(()))

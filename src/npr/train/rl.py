@@ -26,6 +26,13 @@ all-gathered, so filters and advantages (the batch std included) see the global 
 token mean over the global batch. Processes keep different numbers of rollouts after filtering (some none),
 so they run different numbers of forward/backward passes; DDP's hooks would expect the same number, so the
 model is not wrapped and the accumulated gradients are averaged by one explicit all-reduce per update.
+Under `distributed: fsdp` the model is sharded (FSDP2): every process runs as many passes as the busiest
+one (zero-gradient padding passes), FSDP averages the gradients, and the engine decodes with a whole copy
+of the model that is loaded with the trained weights before each step's rollouts.
+
+Kept rollouts are packed into rows of `max_tokens_per_row` tokens (`packing`, the default; advantages
+spread over each rollout's tokens), else padded in micro-batches of `micro_batch_size`; scoring,
+selection and the metrics live in `npr.train.scoring`.
 
 Run it with `npr train rl CONFIG`, `python -m npr.train.rl CONFIG`, or
 `torchrun --nproc-per-node N -m npr.train.rl CONFIG`. A killed run restarted with the same command resumes
@@ -34,73 +41,69 @@ from its last checkpoint and ends with the same weights as an unbroken run.
 
 from __future__ import annotations
 
-import contextlib
 import functools
 import hashlib
-import time
 from collections import defaultdict
-from collections.abc import Iterator, Sequence
-from dataclasses import dataclass, fields
+from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
-import torch.distributed as dist
 from torch import Tensor
 
-from npr.data import Example, build_prompt, load_dataset
-from npr.engine import FinishReason, ParallelEngine, Rollout, SamplingParams
+from npr.attention import Kernel
+from npr.data import build_prompt, load_dataset
+from npr.engine import (
+    Engine,
+    Rollout,
+    SamplingParams,
+    add_requests,
+    run_to_completion,
+)
 from npr.engine.params import LogitsProcessor
 from npr.format import TagIds
-from npr.layout import LayoutError, build_layout
-from npr.rewards import AnswerCheck, format_penalty_batch, stage1_reward_batch, stage3_reward_batch
+from npr.rewards import AnswerCheck
 from npr.tasks import task_check
-from npr.train.advantages import compute_advantages, dynamic_sampling_mask
 from npr.train.config import RLConfig
+from npr.train.distributed import (
+    Timer,
+    all_reduce_sum,
+    average_gradients,
+    device_for,
+    dummy_backward,
+    equal_micro_batches,
+    full_model_state,
+    init_distributed,
+    is_sharded,
+    load_full_state,
+    world_size,
+)
 from npr.train.loop import (
     MetricLogger,
-    all_reduce_sum,
+    autocast,
     build_optimizer,
     clip_gradients,
-    device_for,
     finish_run,
-    init_distributed,
-    is_distributed,
     load_train_model,
+    prepare_model,
     progress_bar,
     recipe_main,
     resume,
     save,
     seed_everything,
 )
-from npr.train.losses import PolicyLoss, dapo_loss, papo_loss
-from npr.train.sequences import TrainExample, forward_logprobs, make_batch, rollout_example
-
-METRICS: dict[str, str] = {
-    "reward/mean": "Mean reward of all rollouts of the step (before any filter).",
-    "reward/std": "Standard deviation of those rewards.",
-    "reward/accuracy": "Share of rollouts with reward +1: correct (and, under the format reward, well formed).",
-    "rollout/format_valid": "Share of rollouts whose text has format penalty 0 (DESIGN §2).",
-    "rollout/parallel_rate": "Share of rollouts with at least one real fork.",
-    "rollout/kept": "Rollouts trained on, over all processes.",
-    "filtered/malformed": "Parallel rollouts dropped because the layout builder (strict) rejects them.",
-    "filtered/length": "Parallel rollouts dropped because they hit the length limit (length or budget).",
-    "filtered/constant_group": "Rollouts dropped by dynamic sampling (their group's rewards are all equal).",
-    "tokens/total": "Mean generated tokens per rollout, every branch counted.",
-    "tokens/critical_path": "Mean critical-path tokens per rollout (the sequential depth).",
-    "tokens/trained": "Loss tokens of the global batch (sampled tokens of kept rollouts).",
-    "train/updates": "Optimizer steps taken on this batch: updates_per_batch, or 0 when nothing was kept.",
-    "train/loss": "Surrogate loss, mean over the updates (only when an update ran, as the four below).",
-    "train/clip_fraction": "Share of trained tokens whose gradient the clip removed, mean over updates.",
-    "train/grad_norm": "Global gradient norm before clipping, mean over the updates.",
-    "train/logprob_gap": "Mean |trainer log-prob − engine log-prob| over trained tokens (parity check).",
-    "train/lr": "Learning rate.",
-    "time/rollout": "Seconds decoding rollouts with the engine (this process).",
-    "time/scoring": "Seconds scoring, gathering, filtering and computing advantages.",
-    "time/logprob": "Seconds in the trainer's forward passes (log-probs with the layout).",
-    "time/update": "Seconds in backward passes, gradient averaging, clipping and optimizer steps.",
-    "time/step": "Seconds for the whole step.",
-}
+from npr.train.losses import policy_loss
+from npr.train.packing import local_rows, plan_micro_batches
+from npr.train.scoring import batch_metrics, score, select
+from npr.train.sequences import (
+    TrainExample,
+    compute_dtype,
+    forward_logprobs,
+    make_batch,
+    rollout_example,
+)
+from npr.train.vllm_sync import rollout_engine, sync_weights, tis_weights
 
 # ------------------------------------------------------------------------------------------------ sampling
 
@@ -128,7 +131,7 @@ def step_prompts(n_examples: int, per_step: int, seed: int, step: int) -> list[i
 
 
 def generate(
-    engine: ParallelEngine,
+    engine: Engine,
     prompts: Sequence[list[int]],
     positions: Sequence[int],
     config: RLConfig,
@@ -136,9 +139,8 @@ def generate(
     processors: Sequence[LogitsProcessor] = (),
 ) -> list[Rollout]:
     """`rollouts_per_prompt` rollouts of each prompt, prompt-major; `Rollout.index` is its batch position."""
-    requests = []
-    for ids, position in zip(prompts, positions, strict=True):
-        params = SamplingParams(
+    params = [
+        SamplingParams(
             n=config.rollouts_per_prompt,
             temperature=config.temperature,
             top_p=config.top_p,
@@ -147,207 +149,99 @@ def generate(
             max_plans=config.max_plans,
             logits_processors=tuple(processors),
         )
-        requests += engine.add_request(ids, params, config.mode, index=position)
-    while engine.has_work:  # the engine is ours alone: everything it holds was queued above
-        engine.step()
-    return [engine.rollout(r) for r in requests]
-
-
-# ------------------------------------------------------------------------------------------------ scoring
-
-
-@dataclass(frozen=True)
-class Scores:
-    """Per-rollout numbers, `[N]` float64 each, in rollout order; `gather` joins every process's rows."""
-
-    group: Tensor  # position of the rollout's prompt in the step's global batch
-    reward: Tensor
-    malformed: Tensor  # 1: a parallel rollout the layout builder rejects
-    cut: Tensor  # 1: a parallel rollout that hit the length limit
-    format_valid: Tensor
-    parallel: Tensor
-    total_tokens: Tensor
-    critical_path: Tensor
-
-    def gather(self) -> Scores:
-        table = torch.stack([getattr(self, f.name) for f in fields(self)], dim=1)  # [N, K]
-        return Scores(*_all_gather_rows(table).unbind(1))
-
-
-def _structure(rollout: Rollout, tags: TagIds) -> tuple[bool, bool]:
-    """(malformed, cut) of one rollout; sequential rollouts are neither (DESIGN §5, stage 3)."""
-    if rollout.mode != "parallel":
-        return False, False
-    if rollout.finish_reason in (FinishReason.LENGTH, FinishReason.BUDGET):
-        return False, True
-    if rollout.finish_reason != FinishReason.STOP:  # invalid_fork / invalid_structure
-        return True, False
-    try:
-        build_layout(rollout.prompt_ids + rollout.token_ids, tags, len(rollout.prompt_ids), strict=True)
-    except LayoutError:
-        return True, False
-    return False, False
-
-
-def score(
-    rollouts: Sequence[Rollout],
-    examples: Sequence[Example],
-    config: RLConfig,
-    tags: TagIds,
-    check: AnswerCheck | None = None,
-) -> Scores:
-    """Rewards and statistics of `rollouts`; `examples[i]` is the problem of rollout i.
-
-    `check(response_text, example)` replaces the math verifier (a task's own, e.g. one that also checks
-    intermediate results).
-    """
-    texts = [r.text for r in rollouts]
-    reward_fn = stage1_reward_batch if config.format_reward else stage3_reward_batch
-    rewards = reward_fn(texts, list(examples), check=check)
-    structure = [_structure(r, tags) for r in rollouts]
-
-    def column(values: Sequence[float | int | bool]) -> Tensor:
-        return torch.tensor([float(v) for v in values], dtype=torch.float64)
-
-    return Scores(
-        group=column([r.index for r in rollouts]),
-        reward=column(rewards),
-        malformed=column([m for m, _ in structure]),
-        cut=column([c for _, c in structure]),
-        format_valid=column([p == 0.0 for p in format_penalty_batch(texts)]),
-        parallel=column([r.is_parallel for r in rollouts]),
-        total_tokens=column([r.stats.total_tokens for r in rollouts]),
-        critical_path=column([r.stats.critical_path_tokens for r in rollouts]),
-    )
-
-
-def select(scores: Scores, config: RLConfig) -> tuple[Tensor, Tensor, int]:
-    """Which rollouts of the global batch are trained, `[N]` bool; their advantages, `[N]` (0 elsewhere);
-    and how many dynamic sampling dropped."""
-    keep = (scores.malformed == 0) & (scores.cut == 0)  # [N]
-    dropped_constant = 0
-    if config.dynamic_sampling and keep.any():
-        varied = torch.zeros_like(keep)
-        varied[keep] = dynamic_sampling_mask(scores.reward[keep], scores.group[keep])
-        dropped_constant = int((keep & ~varied).sum())
-        keep &= varied
-    advantages = torch.zeros_like(scores.reward)
-    if keep.any():
-        advantages[keep] = compute_advantages(scores.reward[keep], scores.group[keep], config.advantage)
-    return keep, advantages, dropped_constant
-
-
-# ------------------------------------------------------------------------------------------------ processes
-
-
-def _all_gather_rows(table: Tensor) -> Tensor:
-    """Every process's `[n, K]` rows (same n on each), concatenated in rank order: `[world · n, K]`."""
-    if not is_distributed():
-        return table
-    device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else None
-    local = table.to(device) if device is not None else table
-    parts = [torch.empty_like(local) for _ in range(dist.get_world_size())]
-    dist.all_gather(parts, local)
-    return torch.cat(parts).to(table.device)
-
-
-def _average_gradients(model: torch.nn.Module) -> None:
-    """Average the accumulated gradients over processes (one all-reduce per parameter, overlapped)."""
-    if not is_distributed():
-        return
-    world = dist.get_world_size()
-    handles = []
-    for p in model.parameters():
-        if p.requires_grad:
-            if p.grad is None:  # a process that kept no rollout still takes part
-                p.grad = torch.zeros_like(p)
-            handles.append((p.grad, dist.all_reduce(p.grad, async_op=True)))
-    for grad, handle in handles:
-        handle.wait()
-        grad.div_(world)
-
-
-class _Timer:
-    """Seconds per phase; waits for the GPU at phase ends so that each phase is charged its own work."""
-
-    def __init__(self) -> None:
-        self.seconds: dict[str, float] = defaultdict(float)
-
-    @contextlib.contextmanager
-    def __call__(self, phase: str) -> Iterator[None]:
-        began = time.perf_counter()
-        yield
-        if torch.cuda.is_available():
-            torch.cuda.synchronize()
-        self.seconds[phase] += time.perf_counter() - began
+        for position in positions
+    ]
+    return run_to_completion(engine, add_requests(engine, prompts, params, config.mode, indices=positions))
 
 
 # ------------------------------------------------------------------------------------------------ update
 
 
-def policy_loss(
-    config: RLConfig,
-    logprobs: Tensor,
-    old_logprobs: Tensor,
-    advantages: Tensor,
-    loss_mask: Tensor,
-    num_tokens: float,
-) -> PolicyLoss:
-    """DAPO's clipped surrogate when `config.clip`, else PAPO's loss (its clip fraction is 0)."""
-    if config.clip:
-        return dapo_loss(
-            logprobs,
-            old_logprobs,
-            advantages,
-            loss_mask,
-            eps_low=config.eps_low,
-            eps_high=config.eps_high,
-            num_tokens=num_tokens,
+@dataclass(frozen=True)
+class Forward:
+    """How the update runs its forward passes: kernel, compute precision, packing."""
+
+    attention: Kernel
+    config: RLConfig
+    device: torch.device
+
+    def passes(self, examples: Sequence[TrainExample]) -> list[list[list[int]]]:
+        """Micro-batches (rows of example indices) over `examples`: packed rows of `max_tokens_per_row`
+        (null: the longest sequence), or `micro_batch_size` padded rollouts per pass."""
+        lengths = [len(e.prompt_ids) + len(e.response_ids) for e in examples]
+        capacity = self.config.max_tokens_per_row or max(lengths, default=1)
+        return plan_micro_batches(
+            lengths,
+            packing=self.config.packing,
+            capacity=capacity,
+            rows_per_batch=max(1, self.config.micro_batch_tokens // capacity),
+            batch_size=self.config.micro_batch_size,
         )
-    loss = papo_loss(logprobs, advantages, loss_mask, num_tokens=num_tokens)
-    return PolicyLoss(loss, torch.zeros(()))
 
 
 def update(
     model: Any,
     optimizer: torch.optim.Optimizer,
-    micro_batches: Sequence[tuple[list[TrainExample], Tensor]],
-    config: RLConfig,
+    examples: Sequence[TrainExample],
+    advantages: Tensor,
+    forward: Forward,
     tags: TagIds,
     pad_id: int,
     tokens: float,
-    timer: _Timer,
+    timer: Timer,
 ) -> dict[str, float]:
-    """`updates_per_batch` optimizer steps on this process's `(examples, advantages [b])` micro-batches.
+    """`updates_per_batch` optimizer steps on this process's kept `examples` with `advantages` `[N]`.
 
     The loss is a token mean over the global batch of `tokens` loss tokens: each process divides by its
     share, `tokens / world`, and the gradient average over processes restores Σ / tokens. A micro-batch is
-    laid out when it is used, so only one `[b, 1, L, L]` mask is alive at a time. Returns the `train/*`
+    laid out when it is used, so only one micro-batch's mask is alive at a time. Returns the `train/*`
     metrics, averaged over the updates.
     """
-    world = dist.get_world_size() if is_distributed() else 1
-    device = next(model.parameters()).device
+    config, device = forward.config, forward.device
+    world = world_size()
+    passes = forward.passes(examples)
+    count = equal_micro_batches(len(passes), model)  # FSDP: every process runs as many passes
+    with autocast(config, device):
+        mask_dtype = compute_dtype(model, device)
     old: list[Tensor] = []  # π_old per micro-batch: the policy before the first update
     totals: dict[str, float] = defaultdict(float)
     for step in range(config.updates_per_batch):
         loss = clipped = 0.0
-        for j, (examples, advantages) in enumerate(micro_batches):
+        for j in range(count):
+            if j >= len(passes):
+                dummy_backward(model, device)
+                continue
+            flat, rows = local_rows(passes[j])
             with timer("logprob"):
-                batch = make_batch(examples, tags, pad_id, dtype=model.dtype).to(device)
-                logprobs = forward_logprobs(model, batch)  # [b, L]
+                batch = make_batch([examples[i] for i in flat], tags, pad_id, dtype=mask_dtype, rows=rows).to(
+                    device
+                )
+                with autocast(config, device):
+                    logprobs = forward_logprobs(model, batch, forward.attention)  # [b, L] float32
             with timer("update"):
                 if step == 0:
                     old.append(logprobs.detach())
                     gap = (logprobs.detach() - batch.old_logprobs).abs() * batch.loss_mask  # [b, L]
                     totals["train/logprob_gap"] += float(gap.sum())
+                adv = batch.per_token(advantages[flat])  # [b, L]
+                if config.tis_cap is not None:  # weights of the sampler mismatch, per token
+                    adv = adv * tis_weights(old[j], batch.old_logprobs, batch.loss_mask, config.tis_cap)
                 out = policy_loss(
-                    config, logprobs, old[j], advantages.to(device), batch.loss_mask, tokens / world
+                    logprobs,
+                    old[j],
+                    adv,
+                    batch.loss_mask,
+                    tokens / world,
+                    clip=config.clip,
+                    eps_low=config.eps_low,
+                    eps_high=config.eps_high,
                 )
                 out.loss.backward()
                 loss += out.loss.item()
                 clipped += float(out.clip_fraction) * batch.num_tokens
         with timer("update"):
-            _average_gradients(model)
+            if not is_sharded(model):  # FSDP reduced the gradients in backward
+                average_gradients(model)
             totals["train/grad_norm"] += clip_gradients(model, config.grad_clip)
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
@@ -356,24 +250,6 @@ def update(
     metrics = {k: v / config.updates_per_batch for k, v in totals.items() if k != "train/logprob_gap"}
     metrics["train/logprob_gap"] = all_reduce_sum(totals["train/logprob_gap"]) / tokens
     return metrics
-
-
-def batch_metrics(scores: Scores, keep: Tensor, dropped_constant: int, tokens: float) -> dict[str, float]:
-    """The `reward/`, `rollout/`, `filtered/` and `tokens/` metrics of the global batch."""
-    return {
-        "reward/mean": float(scores.reward.mean()),
-        "reward/std": float(scores.reward.std()) if len(scores.reward) > 1 else 0.0,
-        "reward/accuracy": float((scores.reward == 1).double().mean()),
-        "rollout/format_valid": float(scores.format_valid.mean()),
-        "rollout/parallel_rate": float(scores.parallel.mean()),
-        "rollout/kept": float(keep.sum()),
-        "filtered/malformed": float(scores.malformed.sum()),
-        "filtered/length": float(scores.cut.sum()),
-        "filtered/constant_group": float(dropped_constant),
-        "tokens/total": float(scores.total_tokens.mean()),
-        "tokens/critical_path": float(scores.critical_path.mean()),
-        "tokens/trained": tokens,
-    }
 
 
 def _check_resumable(saved: dict[str, int], now: dict[str, int], where: Path) -> None:
@@ -406,7 +282,10 @@ def train(
         )
     device = device_for(rank)
     seed_everything(config.seed)
-    model, tokenizer = load_train_model(config.model_path, config.dtype, device)
+    model, tokenizer, attention = prepare_model(config, device, ddp=False)
+    # A sharded model cannot decode alone (its gathers need every process in step): the engine gets a
+    # whole copy, loaded with the trained weights before each step's rollouts.
+    decoder = load_train_model(config.model_path, config.dtype, device)[0] if is_sharded(model) else model
     tags = TagIds.from_tokenizer(tokenizer)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     data = load_dataset(config.data)
@@ -427,7 +306,8 @@ def train(
     if state is not None:
         _check_resumable(state.data_position, position(0), state.path)
         start = state.step
-    engine = ParallelEngine(model, tokenizer)
+    engine = rollout_engine(decoder, tokenizer, config.backend)
+    forward = Forward(attention, config, device)
     share = config.prompts_per_step // world  # prompts decoded by this process, positions mine
     mine = range(rank * share, (rank + 1) * share)
     rows = slice(mine.start * config.rollouts_per_prompt, mine.stop * config.rollouts_per_prompt)
@@ -449,15 +329,17 @@ def train(
     bar = progress_bar(config.max_steps, start, rank, f"rl ({config.algorithm}, {config.mode})")
     with MetricLogger(config.out_dir, rank, start) as log:
         for step in range(start, config.max_steps):
-            timer = _Timer()
+            timer = Timer()
             with timer("step"):
                 # 1. Rollouts of this process's share of the step's prompts.
                 indices = step_prompts(len(data), config.prompts_per_step, config.seed, step)
                 with timer("rollout"):
-                    model.eval()
+                    if decoder is not model:
+                        load_full_state(decoder, full_model_state(model, everywhere=True))
+                    decoder.eval()
                     prompts = [prompt_ids(indices[p]) for p in mine]
                     rollouts = generate(engine, prompts, mine, config, step, logits_processors)
-                    model.train()
+                    decoder.train()
 
                 # 2. Scores of the global batch: what is trained, with which advantage.
                 with timer("scoring"):
@@ -465,17 +347,18 @@ def train(
                     scores = score(rollouts, problems, config, tags, check).gather()
                     keep, advantages, dropped_constant = select(scores, config)
 
-                # 3. This process's kept rollouts in micro-batches; the updates.
+                # 3. This process's kept rollouts, in micro-batches; the updates.
                 kept = keep[rows].nonzero().flatten().tolist()
-                size = config.micro_batch_size
-                chunks = [kept[i : i + size] for i in range(0, len(kept), size)]
-                micro_batches = [
-                    ([rollout_example(rollouts[i]) for i in c], advantages[rows][c].float()) for c in chunks
-                ]
-                tokens = all_reduce_sum(sum(sum(e.loss_mask) for m, _ in micro_batches for e in m))
+                examples = [rollout_example(rollouts[i]) for i in kept]
+                tokens = all_reduce_sum(sum(sum(e.loss_mask) for e in examples))
                 trained: dict[str, float] = {}
                 if tokens:
-                    trained = update(model, optimizer, micro_batches, config, tags, pad_id, tokens, timer)
+                    mine_adv = advantages[rows][kept].float()
+                    trained = update(
+                        model, optimizer, examples, mine_adv, forward, tags, pad_id, tokens, timer
+                    )
+                    with timer("sync"):
+                        sync_weights(engine, model)  # vLLM decodes the next step with the new weights
 
             # 4. Metrics of the global batch, checkpoint.
             done = step + 1

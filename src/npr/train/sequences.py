@@ -12,9 +12,10 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from npr.attention import Kernel
 from npr.engine.rollout import Rollout
 from npr.format import TagIds, canonicalize
-from npr.layout import LayoutBatch, build_layout, collate_layouts
+from npr.layout import LayoutBatch, build_layout, pack_layouts
 from npr.train.losses import token_logprobs
 
 
@@ -31,23 +32,29 @@ class TrainExample:
 
 @dataclass(frozen=True)
 class TrainBatch:
+    """Examples laid out in rows (one per row, or packed); per-token tensors are `[B, L]`."""
+
     layout: LayoutBatch
     loss_mask: Tensor  # [B, L] float, 1 on trained response tokens
     old_logprobs: Tensor  # [B, L] float, 0 where unknown
+    example: Tensor  # [B, L] long: index of the token's example in the `examples` given; -1 on padding
 
     @property
     def num_tokens(self) -> int:
         return int(self.loss_mask.sum().item())
 
+    def per_token(self, values: Tensor) -> Tensor:
+        """Per-example values `[N]` (e.g. advantages) spread over their tokens: `[B, L]`, 0 on padding."""
+        spread = values.to(self.loss_mask.device, self.loss_mask.dtype)[self.example.clamp(min=0)]
+        return spread.masked_fill(self.example < 0, 0.0)
+
     def to(self, device: torch.device | str) -> TrainBatch:
-        lay = self.layout
-        moved = LayoutBatch(
-            lay.input_ids.to(device),
-            lay.position_ids.to(device),
-            lay.attention_mask.to(device),
-            lay.token_mask.to(device),
+        return TrainBatch(
+            self.layout.to(device),
+            self.loss_mask.to(device),
+            self.old_logprobs.to(device),
+            self.example.to(device),
         )
-        return TrainBatch(moved, self.loss_mask.to(device), self.old_logprobs.to(device))
 
 
 def encode_response(tokenizer, text: str, *, parallel: bool = True) -> list[int]:
@@ -81,32 +88,58 @@ def make_batch(
     *,
     dtype: torch.dtype = torch.float32,
     strict: bool = True,
+    rows: Sequence[Sequence[int]] | None = None,
 ) -> TrainBatch:
-    """Lay out and right-pad examples; raises LayoutError (naming the token) on a malformed sequence."""
+    """Lay out examples, one per row or packed as `rows` says (indices into `examples` per row; see
+    `npr.train.packing`), right-padded; raises LayoutError (naming the token) on a malformed sequence.
+
+    `dtype` is the dense mask's: the model's compute dtype.
+    """
     layouts = [
         build_layout(
             e.prompt_ids + e.response_ids, tags, len(e.prompt_ids), parallel=e.parallel, strict=strict
         )
         for e in examples
     ]
-    batch = collate_layouts(layouts, pad_id, dtype)
+    grouping = [[i] for i in range(len(examples))] if rows is None else rows
+    batch = pack_layouts([[layouts[i] for i in row] for row in grouping], pad_id, dtype)
     b, n = batch.input_ids.shape
     loss_mask = torch.zeros(b, n)
     old = torch.zeros(b, n)
-    for row, e in enumerate(examples):
-        p, r = len(e.prompt_ids), len(e.response_ids)
-        loss_mask[row, p : p + r] = torch.tensor(e.loss_mask, dtype=torch.float32)
-        if e.old_logprobs is not None:
-            old[row, p : p + r] = torch.tensor(e.old_logprobs, dtype=torch.float32)
-    return TrainBatch(batch, loss_mask, old)
+    example = torch.full((b, n), -1, dtype=torch.long)
+    for r, row in enumerate(grouping):
+        start = 0
+        for i in row:
+            e = examples[i]
+            p, m = start + len(e.prompt_ids), len(e.response_ids)
+            example[r, start : p + m] = i
+            loss_mask[r, p : p + m] = torch.tensor(e.loss_mask, dtype=torch.float32)
+            if e.old_logprobs is not None:
+                old[r, p : p + m] = torch.tensor(e.old_logprobs, dtype=torch.float32)
+            start = p + m
+    return TrainBatch(batch, loss_mask, old, example)
 
 
-def forward_logprobs(model, batch: TrainBatch) -> Tensor:
-    """`[B, L]` log-prob of every token from one forward with the layout's mask and positions."""
+def compute_dtype(model: torch.nn.Module, device: torch.device) -> torch.dtype:
+    """The dtype attention runs in: autocast's when it is on, else the parameters'."""
+    if torch.is_autocast_enabled(device.type):
+        return torch.get_autocast_dtype(device.type)
+    return next(model.parameters()).dtype
+
+
+def layout_forward(model, batch: TrainBatch, attention: Kernel = "dense") -> Tensor:
+    """`[B, L, V]` logits of one forward over `batch` with its layout's mask and positions.
+
+    `attention` must match the model's kernel (`npr.attention.use_attention`): a dense additive mask for
+    SDPA/eager, a BlockMask for flex.
+    """
     lay = batch.layout
-    logits = model(
-        input_ids=lay.input_ids,
-        position_ids=lay.position_ids,
-        attention_mask=lay.attention_mask.to(model.dtype),
-    ).logits  # [B, L, V]
-    return token_logprobs(logits, lay.input_ids)
+    mask = lay.mask(attention)
+    if isinstance(mask, Tensor):
+        mask = mask.to(compute_dtype(model, lay.input_ids.device))
+    return model(input_ids=lay.input_ids, position_ids=lay.position_ids, attention_mask=mask).logits
+
+
+def forward_logprobs(model, batch: TrainBatch, attention: Kernel = "dense") -> Tensor:
+    """`[B, L]` float32 log-prob of every token from one forward with the layout's mask and positions."""
+    return token_logprobs(layout_forward(model, batch, attention), batch.layout.input_ids)

@@ -12,7 +12,10 @@ Run it with `npr train sft CONFIG`, `python -m npr.train.sft CONFIG`, or on seve
 resumes from its last checkpoint and ends with the same weights as an unbroken run.
 
 Batches: every optimizer step consumes `batch_size × grad_accum × world` sequences; the last incomplete
-global batch of each epoch is skipped (as `drop_last`), so every step has the same shape on every process.
+global batch of each epoch is skipped (as `drop_last`), so every step draws the same number of sequences on
+every process. With `packing` (the default) a process's share of the step is packed into rows of
+`max_tokens_per_row` tokens and run in forward passes of `micro_batch_tokens`; without it, in `grad_accum`
+passes of `batch_size` padded sequences. Either way the loss is the token mean of the step.
 """
 
 from __future__ import annotations
@@ -28,27 +31,38 @@ import torch
 from npr.data import DataError, PromptStyle, build_prompt, iter_jsonl
 from npr.format import FormatError, TagIds
 from npr.train.config import ConfigError, SFTConfig
+from npr.train.distributed import (
+    all_reduce_sum,
+    device_for,
+    dummy_backward,
+    equal_micro_batches,
+    grad_sync,
+    init_distributed,
+)
 from npr.train.loop import (
     MetricLogger,
-    all_reduce_sum,
+    autocast,
     build_optimizer,
     build_scheduler,
     clip_gradients,
-    device_for,
     finish_run,
-    grad_sync,
-    init_distributed,
-    layout_logits,
-    load_train_model,
+    prepare_model,
     progress_bar,
     recipe_main,
     resume,
     save,
     seed_everything,
-    wrap_ddp,
 )
 from npr.train.losses import sft_loss
-from npr.train.sequences import TrainExample, encode_response, make_batch, sft_example
+from npr.train.packing import local_rows, plan_micro_batches
+from npr.train.sequences import (
+    TrainExample,
+    compute_dtype,
+    encode_response,
+    layout_forward,
+    make_batch,
+    sft_example,
+)
 
 # ------------------------------------------------------------------------------------------------ data
 
@@ -163,7 +177,7 @@ def train(config: SFTConfig) -> Path:
     rank, world = init_distributed()
     device = device_for(rank)
     seed_everything(config.seed)
-    model, tokenizer = load_train_model(config.model_path, config.dtype, device)
+    model, tokenizer, attention = prepare_model(config, device)
     tags = TagIds.from_tokenizer(tokenizer)
     examples, too_long = load_sft_examples(
         config.data_path,
@@ -183,13 +197,15 @@ def train(config: SFTConfig) -> Path:
     if state is not None:
         _check_resumable(state.data_position, plan, state.path)
         start = state.step
-    ddp = wrap_ddp(model, device)
-    mask_dtype = model.dtype
+    with autocast(config, device):
+        mask_dtype = compute_dtype(model, device)
+    capacity = config.max_tokens_per_row or config.max_len
+    rows_per_batch = max(1, config.micro_batch_tokens // capacity)
 
     def checkpoint(step: int) -> None:
         save(
             config.out_dir,
-            ddp,
+            model,
             tokenizer,
             optimizer,
             scheduler,
@@ -204,28 +220,42 @@ def train(config: SFTConfig) -> Path:
     with MetricLogger(config.out_dir, rank, start) as log:
         for step in range(start, plan.total_steps):
             began = time.perf_counter()
-            shards = [
-                [examples[i] for i in ids]
+            mine = [
+                examples[i]
                 for ids in micro_batches(plan, config.seed, step, rank, world, config.grad_accum)
+                for i in ids
             ]
-            # Token mean over the global batch: each process divides by its share of the global count,
-            # and DDP's gradient average over processes restores Σ / total (npr.train.losses).
-            local_tokens = sum(len(e.response_ids) for shard in shards for e in shard)
-            tokens = all_reduce_sum(local_tokens)
-            seq_tokens = all_reduce_sum(
-                sum(len(e.prompt_ids) + len(e.response_ids) for s in shards for e in s)
+            lengths = [len(e.prompt_ids) + len(e.response_ids) for e in mine]
+            passes = plan_micro_batches(
+                lengths,
+                packing=config.packing,
+                capacity=capacity,
+                rows_per_batch=rows_per_batch,
+                batch_size=config.batch_size,
             )
+            # Token mean over the global batch: each process divides by its share of the global count,
+            # and the gradient average over processes restores Σ / total (npr.train.losses).
+            tokens = all_reduce_sum(sum(len(e.response_ids) for e in mine))
+            seq_tokens = all_reduce_sum(sum(lengths))
             loss_sum = 0.0
-            for j, shard in enumerate(shards):
-                batch = make_batch(shard, tags, tokenizer.pad_token_id, dtype=mask_dtype).to(device)
-                with grad_sync(ddp, enabled=j == len(shards) - 1):
-                    logits = layout_logits(ddp, batch)  # [b, L, V]
+            count = equal_micro_batches(len(passes), model)
+            for j in range(count):
+                with grad_sync(model, enabled=j == count - 1):
+                    if j >= len(passes):
+                        dummy_backward(model, device)
+                        continue
+                    flat, rows = local_rows(passes[j])
+                    batch = make_batch(
+                        [mine[i] for i in flat], tags, tokenizer.pad_token_id, dtype=mask_dtype, rows=rows
+                    ).to(device)
+                    with autocast(config, device):
+                        logits = layout_forward(model, batch, attention)  # [rows, L, V]
                     loss = sft_loss(
                         logits, batch.layout.input_ids, batch.loss_mask, num_tokens=tokens / world
                     )
                     loss.backward()
-                loss_sum += loss.item()
-            grad_norm = clip_gradients(ddp, config.grad_clip)
+                    loss_sum += loss.item()
+            grad_norm = clip_gradients(model, config.grad_clip)
             lr = float(scheduler.get_last_lr()[0])
             optimizer.step()
             scheduler.step()

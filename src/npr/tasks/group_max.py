@@ -1,6 +1,4 @@
-r"""Procedural tasks of our own, with solutions and verifiers that check every intermediate result.
-
-`group_max`: groups of single-digit numbers (3–5 groups of five by default; the demo uses five groups of
+r"""`group_max`: groups of single-digit numbers (3–5 groups of five by default; the demo uses five groups of
 six); the answer is the largest group sum. It is the demo's task because it decomposes cleanly — one plan
 per group, one step per running-sum chain, and a short takeaway naming the group with the maximum. By
 tokens of the demo tokenizer a parallel answer's critical path is 1.97× shorter than the sequential
@@ -22,10 +20,8 @@ from __future__ import annotations
 
 import random
 import re
-from collections.abc import Callable
-from dataclasses import dataclass
 
-from npr.data import Example
+from npr.example import Example
 from npr.format import Block, FormatError, Item, Trajectory, extract_answer, parse, render
 
 LABELS = "ABCDE"
@@ -44,20 +40,30 @@ def _question(groups: list[list[int]]) -> str:
 
 
 def make_group_max(
-    n: int, seed: int = 0, *, min_groups: int = 3, max_groups: int = 5, group_size: int = 5
+    n: int,
+    seed: int = 0,
+    *,
+    min_groups: int = 3,
+    max_groups: int = 5,
+    group_size: int = 5,
+    min_number: int = 1,
+    max_number: int = 9,
 ) -> list[Example]:
-    """n problems, reproducible from the seed."""
+    """n problems, reproducible from the seed; every number is a digit in [min_number, max_number]."""
     if not 1 <= min_groups <= max_groups <= len(LABELS):
         raise ValueError(
             f"need 1 <= min_groups <= max_groups <= {len(LABELS)}, got {min_groups}, {max_groups}"
         )
     if group_size < 2:
         raise ValueError(f"group_size must be >= 2 (a chain adds two numbers at least), got {group_size}")
+    if not 0 <= min_number <= max_number <= 9:
+        raise ValueError(f"need 0 <= min_number <= max_number <= 9 (digits), got {min_number}, {max_number}")
     rng = random.Random(seed)
     out = []
     for i in range(n):
         groups = [
-            [rng.randint(1, 9) for _ in range(group_size)] for _ in range(rng.randint(min_groups, max_groups))
+            [rng.randint(min_number, max_number) for _ in range(group_size)]
+            for _ in range(rng.randint(min_groups, max_groups))
         ]
         answer = str(max(map(sum, groups)))
         meta = {"task": "group_max", "groups": groups}
@@ -179,22 +185,3 @@ def check_group_max(text: str, ex: Example) -> bool:
         f"{LABELS[i]}={sum(g)}" in s.text.replace(" ", "")
         for i, (g, s) in enumerate(zip(groups, steps, strict=True))
     )
-
-
-@dataclass(frozen=True)
-class Task:
-    """A procedural task: a generator and the verifier rewards and evaluation should use."""
-
-    make: Callable[..., list[Example]]
-    check: Callable[[str, Example], bool]
-
-
-TASKS: dict[str, Task] = {"group_max": Task(make_group_max, check_group_max)}
-
-
-def task_check(examples: list[Example]) -> Callable[[str, Example], bool] | None:
-    """The intermediate-checking verifier of our own task, if every example comes from one; else None."""
-    names = {ex.meta.get("task") for ex in examples}
-    if len(names) == 1 and (name := names.pop()) in TASKS:
-        return TASKS[name].check
-    return None
