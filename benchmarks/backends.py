@@ -49,8 +49,24 @@ def timed(engine, ps, params, mode) -> tuple[float, int, int]:
     )
 
 
+def no_eos(eos: int):
+    """Every request decodes its whole budget, so tokens/s is measured at the batch size asked for."""
+
+    def processor(visible: list[int], logits: torch.Tensor) -> torch.Tensor:
+        logits = logits.clone()
+        logits[eos] = float("-inf")
+        return logits
+
+    return processor
+
+
 def cases(tokenizer, tokens: int) -> dict[str, tuple[list[list[int]], SamplingParams, str]]:
-    free = SamplingParams(temperature=0.0, max_new_tokens=tokens, branch_repetition_penalty=1.0)
+    free = SamplingParams(
+        temperature=0.0,
+        max_new_tokens=tokens,
+        branch_repetition_penalty=1.0,
+        logits_processors=[no_eos(tokenizer.eos_token_id)],
+    )
     fork = SamplingParams(
         temperature=0.0, max_new_tokens=8 * tokens, logits_processors=[Script(tokenizer, [[tokens] * 4])]
     )
@@ -100,6 +116,7 @@ def main() -> None:
     parser.add_argument("--tokens", type=int, default=48, help="tokens per request / per branch")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--threads", type=int, default=2, help="torch and llama.cpp threads")
+    parser.add_argument("--models", default="smollm2,seed", help="comma-separated: smollm2, seed")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     print(machine("cpu"), f"; llama.cpp threads {args.threads}")

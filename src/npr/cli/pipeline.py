@@ -13,7 +13,21 @@ from npr.cli import app
 DEMO_CONFIG = files("npr").joinpath("assets", "demo.yaml")
 
 
-def _run(config: Path, from_scratch: bool, overrides: dict, until: str | None = None) -> None:
+EvalBackend = Annotated[
+    str | None,
+    typer.Option(
+        help="Engine of evaluation and latency: hf or llamacpp (default: the config's eval.backend)."
+    ),
+]
+
+
+def _run(
+    config: Path,
+    from_scratch: bool,
+    overrides: dict,
+    until: str | None = None,
+    eval_backend: str | None = None,
+) -> None:
     from npr.data import DataError
     from npr.pipeline import STAGES, Pipeline, StaleStageError, load_pipeline_config
     from npr.pipeline.report import markdown
@@ -21,7 +35,11 @@ def _run(config: Path, from_scratch: bool, overrides: dict, until: str | None = 
 
     try:
         cfg = load_pipeline_config(config, **overrides)
-    except ConfigError as e:
+        if eval_backend is not None:
+            cfg = cfg.model_validate(
+                {**cfg.model_dump(), "eval": {**cfg.eval.model_dump(), "backend": eval_backend}}
+            )
+    except (ConfigError, ValueError) as e:
         typer.echo(f"error: {e}", err=True)
         raise typer.Exit(2) from e
     if until is not None and until not in STAGES:
@@ -51,9 +69,10 @@ def pipeline(
         str | None,
         typer.Option(help="Stop after this stage (no evaluation), e.g. 'seed' to train only the seed."),
     ] = None,
+    eval_backend: EvalBackend = None,
 ) -> None:
     """Run every stage (seed, NPR-Zero, rejection, NPR-Beta, SR-Beta, NPR, SR), evaluate, report."""
-    _run(config, from_scratch, {}, until)
+    _run(config, from_scratch, {}, until, eval_backend)
 
 
 @app.command()
@@ -63,6 +82,7 @@ def demo(
     ] = False,
     out: Annotated[str, typer.Option(help="Report folder.")] = "results/demo",
     runs: Annotated[str, typer.Option(help="Checkpoints folder (stages cached here).")] = "runs/demo",
+    eval_backend: EvalBackend = None,
 ) -> None:
     """The main job: a tiny model learns native parallel reasoning on CPU, end to end."""
-    _run(Path(str(DEMO_CONFIG)), from_scratch, {"out_dir": out, "run_dir": runs})
+    _run(Path(str(DEMO_CONFIG)), from_scratch, {"out_dir": out, "run_dir": runs}, eval_backend=eval_backend)

@@ -63,6 +63,14 @@ def write_cached(path: Path, content: dict[str, Any], settings: dict[str, Any]) 
     atomic_write(path, json.dumps({**content, "settings": settings}))
 
 
+def _same(before: Any, now: Any) -> bool:
+    """Equal settings, where a key of a nested mapping that `before` lacks is a field added since the stage
+    ran (a new trainer option at its default) and does not count: the run did what that default does."""
+    if isinstance(before, dict) and isinstance(now, dict):
+        return set(before) <= set(now) and all(_same(v, now[k]) for k, v in before.items())
+    return bool(before == now)
+
+
 def run_stage(
     folder: Path,
     run: Callable[[Path], dict[str, Any]],
@@ -79,8 +87,8 @@ def run_stage(
     if done_file.exists():
         done = json.loads(done_file.read_text())
         before = done.pop("settings", {})
-        if before != settings:
-            changed = sorted(k for k in {*before, *settings} if before.get(k) != settings.get(k))
+        changed = sorted(k for k in {*before, *settings} if not _same(before.get(k), settings.get(k)))
+        if changed:
             raise StaleStageError(
                 f"[{stage}] {folder} was made with other settings (changed: {', '.join(changed)}); "
                 f"delete it and the stages after it, or use another run_dir"

@@ -50,9 +50,17 @@ class RejectionSpec(_Strict):
     problems: int = Field(default=1000, ge=1, description="Training problems to sample.")
     temperature: float = Field(default=1.0, ge=0, description="Sampling temperature (paper: 1.0).")
     max_new_tokens: int = Field(default=512, ge=1)
+    backend: Literal["hf", "llamacpp", "vllm"] = Field(
+        default="hf",
+        description="Engine of the K sequential samples (vllm: run the pipeline from .venv-vllm).",
+    )
 
 
 class EvalSpec(_Strict):
+    backend: Literal["hf", "llamacpp"] = Field(
+        default="hf",
+        description="Engine of evaluation and latency: hf (PyTorch) or llamacpp (exact, faster).",
+    )
     problems: int = Field(default=200, ge=1, description="Held-out problems per split (their own seed).")
     k: int = Field(default=4, ge=1, description="Samples per problem (avg@k).")
     temperature: float = Field(default=1.0, ge=0, description="Paper: 1.0.")

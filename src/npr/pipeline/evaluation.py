@@ -13,19 +13,18 @@ from npr.example import Example
 from npr.pipeline.cache import content_hash, read_cached, write_cached
 
 if TYPE_CHECKING:
-    from npr.engine import Mode, ParallelEngine, SamplingParams
+    from npr.engine import Engine, Mode, SamplingParams
     from npr.eval.harness import PromptSpec
     from npr.pipeline.stages import Pipeline
 
 PARALLEL_MODELS = ("npr_beta", "npr")
 
 
-def make_engine(model_path: str) -> ParallelEngine:
+def make_engine(model_path: str, backend: str = "hf") -> Engine:
     """An engine over a saved model (the pipeline's only engine construction)."""
-    from npr.engine import ParallelEngine
-    from npr.model import load_model
+    from npr.engine import load_engine
 
-    return ParallelEngine(*load_model(model_path))
+    return load_engine(model_path, backend)
 
 
 def decoding(name: str, style: Any) -> tuple[Mode, PromptSpec]:
@@ -93,7 +92,7 @@ def evaluate_model(
     pipeline.log(f"{tag} {len(examples)} problems × {spec.k}")
     mode, prompt = decoding(name, pipeline.config.prompt_style)
     result = evaluate(
-        make_engine(model_path),
+        make_engine(model_path, spec.backend),
         examples,
         k=spec.k,
         params=eval_params(pipeline),

@@ -79,7 +79,7 @@ def measure_latency(pipeline: Pipeline, models: dict[str, str], splits: dict[str
         f"{spec.latency_repeats} times each"
     )
     runs = {
-        name: LatencyRun(make_engine(path), *decoding(name, pipeline.config.prompt_style))
+        name: LatencyRun(make_engine(path, spec.backend), *decoding(name, pipeline.config.prompt_style))
         for name, path in models.items()
     }
     params = eval_params(pipeline)

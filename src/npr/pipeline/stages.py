@@ -208,7 +208,7 @@ class Pipeline:
 
             out = folder / "accepted.jsonl"
             stats = rejection_sample(
-                make_engine(npr_zero),
+                make_engine(npr_zero, spec.backend),
                 self.problems(spec.problems, seed=self.config.seed),
                 out,
                 k=spec.k,
