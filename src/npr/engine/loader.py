@@ -7,6 +7,7 @@ the same layout on llama.cpp from a GGUF file, exported once from the model's fo
 
 from __future__ import annotations
 
+import hashlib
 import os
 import tempfile
 from pathlib import Path
@@ -110,7 +111,8 @@ def tagged_model_folder(model: str | os.PathLike[str]) -> Path:
     vocab = AutoTokenizer.from_pretrained(folder).get_vocab()
     if all(tag in vocab for tag in TAGS):
         return folder
-    tagged = cache_dir() / "tagged" / f"{folder.name}-{abs(hash(str(folder.resolve()))):x}"
+    digest = hashlib.sha256(str(folder.resolve()).encode()).hexdigest()[:12]  # stable across processes
+    tagged = cache_dir() / "tagged" / f"{folder.name}-{digest}"
     if not (tagged / "config.json").is_file():
         save_model(*load_any(folder), tagged)
     return tagged
