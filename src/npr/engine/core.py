@@ -19,7 +19,7 @@ import torch
 from npr.engine.handle import EngineStats, RequestHandle, add_requests, run_to_completion
 from npr.engine.kv import Feed, KVPool
 from npr.engine.params import FinishReason, Mode, SamplingParams
-from npr.engine.request import BranchState, Prompt, RequestState, build_rollout, encode_prompt
+from npr.engine.request import BranchState, Prompt, RequestState, build_rollout, encode_prompt, eos_ids
 from npr.engine.rollout import BlockRecord, BranchRecord, Rollout
 from npr.engine.sampling import sample_tokens
 from npr.format import Event, EventKind, StreamParser, TagIds
@@ -439,8 +439,6 @@ class ParallelEngine(DecodingEngine):
     def __init__(self, model, tokenizer, **options: Any):
         """`options`: those of `DecodingEngine` (max_batch_requests, prefill_tokens, allow_prompt_tags)."""
         self.model = model.eval()
-        gen_eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
-        gen_eos = gen_eos if isinstance(gen_eos, list) else [gen_eos]
-        eos_ids = {int(e) for e in [tokenizer.eos_token_id, *gen_eos] if e is not None}
+        stop_ids = eos_ids(tokenizer, getattr(model, "generation_config", None))
         pool = KVPool(model, pad_id=tokenizer.pad_token_id or 0)
-        super().__init__(tokenizer, pool, eos_ids, **options)
+        super().__init__(tokenizer, pool, stop_ids, **options)

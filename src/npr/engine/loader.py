@@ -16,6 +16,7 @@ from typing import Any
 from npr.engine.core import DecodingEngine, ParallelEngine
 from npr.engine.handle import Engine
 from npr.engine.llamacpp import LlamaCppCache
+from npr.engine.request import eos_ids as tokenizer_eos_ids
 from npr.format import TAGS, TagIds
 
 BACKENDS = ("hf", "llamacpp", "vllm")
@@ -41,7 +42,7 @@ class LlamaCppEngine(DecodingEngine):
         cache = LlamaCppCache(gguf, **cache_options)
         check_vocabulary(cache, tokenizer)
         if eos_ids is None:
-            eos_ids = {int(tokenizer.eos_token_id)} if tokenizer.eos_token_id is not None else set()
+            eos_ids = tokenizer_eos_ids(tokenizer)
         super().__init__(
             tokenizer,
             cache,
@@ -79,14 +80,12 @@ def check_vocabulary(cache: LlamaCppCache, tokenizer: Any) -> None:
             )
 
 
-def _eos_ids(folder: Path, tokenizer: Any) -> set[int]:
+def folder_eos_ids(folder: Path, tokenizer: Any) -> set[int]:
+    """End-of-sequence ids of a saved model: its tokenizer's and its generation config's, if it has one."""
     from transformers import GenerationConfig
 
-    ids = {int(tokenizer.eos_token_id)} if tokenizer.eos_token_id is not None else set()
-    if (folder / "generation_config.json").is_file():
-        eos = GenerationConfig.from_pretrained(folder).eos_token_id
-        ids |= {int(e) for e in (eos if isinstance(eos, list) else [eos]) if e is not None}
-    return ids
+    has_config = (folder / "generation_config.json").is_file()
+    return tokenizer_eos_ids(tokenizer, GenerationConfig.from_pretrained(folder) if has_config else None)
 
 
 def tagged_model_folder(model: str | os.PathLike[str]) -> Path:
@@ -137,7 +136,7 @@ def load_llamacpp(model: Any, *, tokenizer: Any = None, dtype: str = "f32", **op
         folder = tagged_model_folder(model)
         tokenizer = AutoTokenizer.from_pretrained(folder)
         return LlamaCppEngine(
-            cached_gguf(folder, dtype), tokenizer, eos_ids=_eos_ids(folder, tokenizer), **options
+            cached_gguf(folder, dtype), tokenizer, eos_ids=folder_eos_ids(folder, tokenizer), **options
         )
     if tokenizer is None:
         raise ValueError("a loaded model needs tokenizer= to build a llama.cpp engine")
@@ -146,7 +145,7 @@ def load_llamacpp(model: Any, *, tokenizer: Any = None, dtype: str = "f32", **op
     with tempfile.TemporaryDirectory(prefix="npr-export-") as tmp:
         folder = save_model(model, tokenizer, Path(tmp) / "model")
         gguf = export_gguf(folder, Path(tmp) / "model.gguf", dtype)
-        return LlamaCppEngine(gguf, tokenizer, eos_ids=_eos_ids(folder, tokenizer), **options)
+        return LlamaCppEngine(gguf, tokenizer, eos_ids=folder_eos_ids(folder, tokenizer), **options)
 
 
 def load_engine(model: Any, backend: str = "hf", *, tokenizer: Any = None, **options: Any) -> Engine:

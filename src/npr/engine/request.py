@@ -20,6 +20,13 @@ from npr.format import StreamParser, TagIds
 Prompt = str | Sequence[int] | Sequence[dict]
 
 
+def eos_ids(tokenizer: Any, generation_config: Any = None) -> set[int]:
+    """Ids that end an answer: the tokenizer's end-of-sequence plus the generation config's (one or a list)."""
+    extra = getattr(generation_config, "eos_token_id", None)
+    extra = extra if isinstance(extra, list) else [extra]
+    return {int(e) for e in [tokenizer.eos_token_id, *extra] if e is not None}
+
+
 def encode_prompt(tokenizer: Any, tags: TagIds, prompt: Prompt, *, allow_tags: bool = False) -> list[int]:
     """Chat messages, a string or token ids → prompt ids. Tag ids are refused unless `allow_tags` (the
     paper's official prompt is tokenised with them); strings keep tag text as ordinary sub-tokens."""

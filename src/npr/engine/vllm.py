@@ -409,7 +409,7 @@ def load_vllm(
         raise ImportError(INSTALL_HINT) from e
     from transformers import AutoTokenizer
 
-    from npr.engine.loader import _eos_ids, tagged_model_folder
+    from npr.engine.loader import folder_eos_ids, tagged_model_folder
     from npr.model import save_model
 
     os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"  # the engine core in this process (weight sync)
@@ -436,4 +436,6 @@ def load_vllm(
         _check_head_dim(folder)
         _drop_stale_process_groups()
         llm = vllm.LLM(model=str(folder), **settings)  # reads the folder once, here
-        return VLLMEngine(llm, tokenizer, _eos_ids(folder, tokenizer), allow_prompt_tags=allow_prompt_tags)
+        return VLLMEngine(
+            llm, tokenizer, folder_eos_ids(folder, tokenizer), allow_prompt_tags=allow_prompt_tags
+        )
